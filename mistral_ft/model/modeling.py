@@ -1,0 +1,592 @@
+"""The Mistral model family: one readable file, top to bottom.
+
+RMSNorm -> rotary -> attention (GQA, sliding window, sdpa/eager/flash-attn 2) -> SwiGLU MLP -> decoder layer ->
+MistralModel -> MistralForCausalLM / MistralForSequenceClassification.
+
+Module names are the Hugging Face weight names, so HF safetensors load with a plain ``load_state_dict`` and peft
+adapters trained here load onto transformers' model. Numbers follow transformers 5.x (checked in
+tests/test_parity.py on tiny random configs).
+
+Notation (shape comments):
+    B batch, T new tokens (queries), S keys (T, or cached slots + T), D hidden_size,
+    nh attention heads, nkv key/value heads, hd head_dim, V vocab_size.
+
+Attention rule (sliding window W): query at sequence index i attends key j iff  i - W < j <= i, j is not padding,
+and (packed rows) j belongs to the same document as i. ``sliding_window=None`` is plain causal attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import MistralCache
+from .config import MistralConfig
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@dataclass
+class ModelOutput:
+    """Attribute, key and index access like transformers' outputs (``out.logits``, ``out["logits"]``, ``out[0]``)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key: str | int) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: MistralCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: MistralCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(CausalLMOutputWithPast):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class MistralRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (bf16 squares lose too much), cast back before the weight, as HF does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class MistralRotaryEmbedding(nn.Module):
+    """RoPE in HF's rotate_half layout: dims [0, hd/2) pair with [hd/2, hd).
+
+    inv_freq is kept in fp32 and outside the state dict/buffers, so ``model.to(bfloat16)`` cannot round it.
+    """
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        d = config.head_dim
+        self._inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+        self._per_device: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._per_device.get(x.device)
+        if inv_freq is None:
+            inv_freq = self._per_device[x.device] = self._inv_freq.to(x.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B|1, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B|1, T, hd)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B|1, 1, T, hd): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, S, hd) -> (B, nkv * n_rep, S, hd): each key/value head serves n_rep query heads (GQA)."""
+    if n_rep == 1:
+        return x
+    B, nkv, S, hd = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, S, hd).reshape(B, nkv * n_rep, S, hd)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs about masking, computed once per forward.
+
+    ``mask`` is a (B|1, 1, T, S) boolean "may attend" tensor, or None when plain causal attention (``is_causal``)
+    is exact: no padding, no documents, no cache, and the window covers the whole sequence.
+    """
+
+    mask: torch.Tensor | None
+    key_valid: torch.Tensor | None = None  # (B, S) for the flash path
+    document_ids: torch.Tensor | None = None
+    cached: bool = False
+
+
+def build_attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None,
+                         key_valid: torch.Tensor | None, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """Boolean (B|1, 1, T, S) mask of the rule ``i - W < j <= i`` ∧ key not padding ∧ same document.
+
+    Example, W = 3, T = S = 5 (rows are queries, 1 = may attend)::
+
+        1 . . . .
+        1 1 . . .
+        1 1 1 . .
+        . 1 1 1 .
+        . . 1 1 1
+    """
+    diff = q_index[:, None] - k_index[None, :]  # (T, S)
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return allowed
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+class MistralAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads, rotary positions and a sliding window."""
+
+    def __init__(self, config: MistralConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionInputs,
+                cache: MistralCache | None = None, output_attentions: bool = False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        impl = self.config.attn_implementation
+        weights = None
+        if output_attentions or impl == "eager":
+            y, weights = self._eager(q, k, v, attn.mask, dropout)
+        elif impl == "flash_attention_2" and not attn.cached:
+            y = self._flash(q, k, v, attn, dropout)
+        else:
+            y = self._sdpa(q, k, v, attn.mask, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y), weights
+
+    def _sdpa(self, q, k, v, mask, dropout):
+        if mask is not None:
+            # A query with no key to attend (a left-padding row) would give NaN; let it see every key instead.
+            # Its output is never used, and no valid query attends to it.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                              scale=self.scaling, enable_gqa=self.num_key_value_groups > 1)
+
+    def _eager(self, q, k, v, mask, dropout):
+        """Explicit softmax(QK^T)V; masks with the dtype's minimum (not -inf) so fully masked rows stay finite."""
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, nh, T, S)
+        if mask is None:
+            T = q.shape[2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, p=dropout, training=self.training)
+        return torch.matmul(weights, v), weights
+
+    def _flash(self, q, k, v, attn: AttentionInputs, dropout):
+        """flash-attn 2: dense kernel when nothing is masked, else varlen over (row, document) segments."""
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # optional extra: pip install .[flash]
+
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(
+                f"attn_implementation='flash_attention_2' needs CUDA tensors in float16/bfloat16; got {q.device.type} "
+                f"{q.dtype}. Load with torch_dtype=torch.bfloat16 on a GPU, or use attn_implementation='sdpa'.")
+        W = self.config.sliding_window
+        return flash_attention(q, k, v, attn.key_valid, attn.document_ids, W, self.scaling, dropout,
+                               flash_attn_func, flash_attn_varlen_func)
+
+
+def flash_attention(q, k, v, key_valid, document_ids, window, scale, dropout, dense_fn, varlen_fn):
+    """Map our attention rule onto flash-attn's API (kept separate so tests can pass a plain-PyTorch stand-in).
+
+    q: (B, nh, T, hd); k, v: (B, nkv, T, hd) (no cache). flash-attn takes (B, T, heads, hd), handles GQA itself,
+    and its ``window_size=(left, right)`` counts keys *besides* the query: ``(W - 1, 0)`` is our ``i - W < j <= i``.
+    Padding and packed documents go through the varlen kernel, one segment per (row, document) run of tokens.
+    """
+    B, nh, T, hd = q.shape
+    win = (-1, -1) if window is None else (window - 1, 0)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, hd)
+    if key_valid is None and document_ids is None:
+        out = dense_fn(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=True, window_size=win)
+        return out.transpose(1, 2)
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid.bool()
+    seg = torch.arange(B, device=q.device)[:, None] * (T + 1)
+    seg = seg + (document_ids if document_ids is not None else torch.zeros_like(valid, dtype=torch.long))
+    flat_valid = valid.reshape(-1)
+    idx = flat_valid.nonzero().squeeze(-1)  # token order is kept, so each segment is a contiguous run
+    seg_v = seg.reshape(-1)[idx]
+    starts = torch.ones_like(seg_v, dtype=torch.bool)
+    starts[1:] = seg_v[1:] != seg_v[:-1]
+    start_pos = starts.nonzero().squeeze(-1)
+    cu = torch.cat([start_pos, torch.tensor([seg_v.numel()], device=q.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    qv, kv_, vv = (t.reshape(B * T, *t.shape[2:])[idx] for t in (q, k, v))
+    out_v = varlen_fn(qv, kv_, vv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                      dropout_p=dropout, softmax_scale=scale, causal=True, window_size=win)
+    out = q.new_zeros(B * T, nh, hd)
+    out[idx] = out_v
+    return out.view(B, T, nh, hd).transpose(1, 2)
+
+
+class MistralMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MistralAttention(config, layer_idx)
+        self.mlp = MistralMLP(config)
+        self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, rope, attn: AttentionInputs, cache=None, output_attentions=False):
+        h, weights = self.self_attn(self.input_layernorm(x), rope, attn, cache, output_attentions)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, weights
+
+
+# ------------------------------------------------------------------------------------------------ models
+class MistralPreTrainedModel(nn.Module):
+    """Shared plumbing: init, from_pretrained/save_pretrained (in weights.py), the bits peft expects."""
+
+    config_class = MistralConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MistralDecoderLayer"]
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        if config.attn_implementation == "flash_attention_2" and not _flash_attn_available():
+            raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package "
+                              "(pip install 'mistral_ft[flash]', CUDA only); use attn_implementation='sdpa'.")
+        self.config = config
+
+    # weights --------------------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, MistralRMSNorm):
+            nn.init.ones_(module.weight)
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and hasattr(self, "lm_head"):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any):
+        """Load an HF-format folder or hub id; see :func:`mistral_ft.model.weights.load_pretrained`."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, folder: str, **kwargs: Any) -> None:
+        """Write sharded safetensors + index + config.json + generation_config.json (transformers loads them)."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, folder, **kwargs)
+
+    # conveniences transformers users (and peft) expect ---------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    def _base(self) -> "MistralModel":
+        return self if isinstance(self, MistralModel) else self.model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self._base().embed_tokens
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in backward (activation memory ~ one layer instead of all of them)."""
+        self._base().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._base().gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._base().gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Make embedding outputs require grad, so checkpointed layers over a frozen base still backpropagate."""
+        def hook(module, inputs, output):
+            output.requires_grad_(True)
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+
+class MistralModel(MistralPreTrainedModel):
+    """The decoder stack: embeddings, layers, final norm. Returns hidden states (no head)."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MistralRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if type(self) is MistralModel:
+            self.post_init()
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: MistralCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, document_ids: torch.Tensor | None = None,
+                ) -> BaseModelOutputWithPast | tuple:
+        """Run the decoder.
+
+        attention_mask: (B, T) or (B, past + T), 1 = real token, 0 = padding (left or right).
+        position_ids: (B, T); default ``arange`` continuing after the cache, as in transformers' forward
+            (generation derives them from the attention mask instead).
+        past_key_values: a :class:`MistralCache` to read and extend (``use_cache=True`` makes one if None).
+        document_ids: (B, T) for packed rows: tokens of different documents never attend to each other.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        B, T, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and past_key_values is None:
+            use_cache = False  # inference state stays out of the training path
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = MistralCache(self.config.num_hidden_layers, self.config.sliding_window)
+        past = cache.seen if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+
+        new_valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+                raise ValueError(f"attention_mask must be (batch, {T}) or (batch, {past + T}); "
+                                 f"got {tuple(attention_mask.shape)}")
+            new_valid = attention_mask[:, -T:].bool()
+        W = self.config.sliding_window
+        if cache is not None:
+            if new_valid is None:
+                new_valid = torch.ones(B, T, dtype=torch.bool, device=device)
+            k_index, key_valid = cache.begin(new_valid)
+            q_index = torch.arange(past, past + T, device=device)
+            attn = AttentionInputs(build_attention_mask(q_index, k_index, W, key_valid, None), cached=True)
+        else:
+            if new_valid is not None and device.type == "cpu" and bool(new_valid.all()):
+                new_valid = None  # no padding: keep the is_causal fast path (a free check on the host)
+            need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
+            mask = None
+            if need_mask:
+                idx = torch.arange(T, device=device)
+                mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
+            attn = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids)
+
+        rope = self.rotary_emb(inputs_embeds, position_ids)
+        x = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(x)
+            if self.gradient_checkpointing and self.training:
+                x, w = checkpoint(layer, x, rope, attn, None, bool(output_attentions), use_reentrant=False)
+            else:
+                x, w = layer(x, rope, attn, cache, bool(output_attentions))
+            if all_attn is not None:
+                all_attn.append(w)
+        x = self.norm(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+        out = BaseModelOutputWithPast(x, cache if use_cache or past_key_values is not None else None,
+                                      tuple(all_hidden) if all_hidden is not None else None,
+                                      tuple(all_attn) if all_attn is not None else None)
+        return out if return_dict is not False else out.to_tuple()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored.
+
+    "mean" divides by the number of counted tokens of this batch (transformers' loss). "sum" lets the caller
+    divide by the target count of a whole optimizer step (all micro-batches and ranks): a token-weighted mean.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction=reduction)
+
+
+class MistralForCausalLM(MistralPreTrainedModel):
+    """Decoder + language-model head. ``labels`` (unshifted, -100 ignored) give ``loss``."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__(config)
+        self.model = MistralModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: MistralCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                document_ids: torch.Tensor | None = None, loss_reduction: str = "mean", **kwargs: Any,
+                ) -> CausalLMOutputWithPast | tuple:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states, True, document_ids)
+        logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels, loss_reduction) if labels is not None else None
+        res = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return res if return_dict is not False else res.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: MistralCache | None = None,
+                                      attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
+        """Inputs for one decoding step (what peft's generation wrapper calls)."""
+        if past_key_values is not None and past_key_values.seen > 0:
+            input_ids = input_ids[:, past_key_values.seen:]
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "past_key_values": past_key_values, "use_cache": True}
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Greedy or sampled decoding with the KV cache; see :func:`mistral_ft.model.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
+class MistralForSequenceClassification(MistralPreTrainedModel):
+    """Decoder + ``score`` head pooled at the last non-pad token of each row (left or right padding).
+
+    Loss follows transformers: ``problem_type`` from the config, or inferred: ``num_labels == 1`` -> MSE
+    (regression); integer labels -> cross-entropy (ignores -100); otherwise BCE with logits (multi-label).
+    """
+
+    def __init__(self, config: MistralConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MistralModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: MistralCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs: Any) -> SequenceClassifierOutputWithPast | tuple:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states, True)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("Cannot pool a batch of more than one sequence without config.pad_token_id "
+                             "(needed to find each row's last real token)")
+        if pad is None or input_ids is None:
+            last = torch.full((B,), logits.shape[1] - 1, device=logits.device)  # with inputs_embeds: last position
+        else:
+            # Rightmost non-pad token: correct for both left and right padding.
+            idx = torch.arange(input_ids.shape[-1], device=logits.device)
+            last = (idx * (input_ids != pad).to(logits.device, torch.int64)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = self.classification_loss(pooled, labels) if labels is not None else None
+        res = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return res if return_dict is not False else res.to_tuple()
+
+    def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(pooled.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        kind = self.config.problem_type
+        if kind == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
+            return F.mse_loss(pooled, labels.to(pooled.dtype))
+        if kind == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
