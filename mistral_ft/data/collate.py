@@ -1,0 +1,114 @@
+"""Packing (several examples per row) and the batch collator.
+
+Packing worked example (max_length=8; examples A = [1 a1 a2], B = [1 b1 b2 b3], C = [1 c1 c2]):
+
+    row 0:  input_ids     1   a1  a2  1   b1  b2  b3        (C does not fit: 7 + 3 > 8)
+            labels      -100  a1  a2 -100 b1  b2  b3
+            position_ids  0   1   2   0   1   2   3
+            document_ids  0   0   0   1   1   1   1
+    row 1:  C alone.
+
+The model shifts labels by one over the whole row, so the target of a2 (A's last token) is the
+label at B's first position. That label must be -100, or the model would learn to predict B's BOS
+from A: `pack_examples` refuses an example whose first label is a target (BOS never is).
+`document_ids` tell the model where the examples are, so no token attends across a boundary.
+After collation, padding has document id -1 (its own document), position 0, label -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+
+from mistral_ft.data.formats import IGNORE_INDEX
+
+PAD_DOCUMENT_ID = -1
+
+
+def pack_examples(
+    examples: Sequence[tuple[list[int], list[int]]], max_length: int
+) -> list[dict[str, list[int]]]:
+    """Greedily fill rows of at most `max_length` tokens with whole examples, in the given order.
+
+    Returns rows with `input_ids`, `labels`, `position_ids` (restart at 0 per example) and
+    `document_ids` (0, 1, ... per example within the row). Examples are never split: each is
+    already truncated to `max_length`.
+    """
+    rows: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+    n_docs = 0
+    for i, (ids, labels) in enumerate(examples):
+        if len(ids) > max_length:
+            raise ValueError(f"example {i} has {len(ids)} tokens > max_length {max_length}; truncate first")
+        if not ids:
+            raise ValueError(f"example {i} is empty")
+        if labels[0] != IGNORE_INDEX:
+            # see the module docstring: the shift would make this token a target of the previous example
+            raise ValueError(f"example {i}: first token is a target (label {labels[0]}); it must be -100 (BOS)")
+        if len(cur["input_ids"]) + len(ids) > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+            n_docs = 0
+        cur["input_ids"].extend(ids)
+        cur["labels"].extend(labels)
+        cur["position_ids"].extend(range(len(ids)))
+        cur["document_ids"].extend([n_docs] * len(ids))
+        n_docs += 1
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+class Collator:
+    """Pads a list of examples to the batch's longest (right padding) and makes tensors.
+
+    Causal examples (`input_ids`, `labels`) -> input_ids, attention_mask, labels (pad -100);
+    packed rows also carry position_ids (pad 0) and document_ids (pad -1).
+    Classification examples (`input_ids`, `label`) -> input_ids, attention_mask, labels of shape (B,)
+    (long ids, or float targets for regression).
+    `pad_to_multiple_of` rounds the padded length up (tensor-core friendly shapes).
+    """
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Collator got an empty batch")
+        keys = set(features[0])
+        for f in features[1:]:
+            if set(f) != keys:
+                raise ValueError(f"Collator: examples with different fields {sorted(keys)} vs {sorted(f)}")
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = (length + m - 1) // m * m
+        batch_size = len(features)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            out = torch.full((batch_size, length), value, dtype=torch.long)
+            for i, f in enumerate(features):
+                seq = f[key]
+                out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            return out
+
+        batch = {"input_ids": pad("input_ids", self.pad_token_id)}
+        mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for i, f in enumerate(features):
+            mask[i, : len(f["input_ids"])] = 1
+        batch["attention_mask"] = mask
+        if "labels" in keys:
+            batch["labels"] = pad("labels", IGNORE_INDEX)
+        elif "label" in keys:
+            values = [f["label"] for f in features]
+            dtype = torch.float32 if any(isinstance(v, float) for v in values) else torch.long
+            batch["labels"] = torch.tensor(values, dtype=dtype)
+        if "document_ids" in keys:
+            batch["position_ids"] = pad("position_ids", 0)
+            batch["document_ids"] = pad("document_ids", PAD_DOCUMENT_ID)
+        return batch

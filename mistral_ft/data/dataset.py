@@ -1,0 +1,255 @@
+"""From a data config to tokenized train / validation datasets and a `DataInfo` summary.
+
+Pipeline (each step a plain function call, in this order):
+    load_split (validate local rows, load through `datasets`)
+    -> normalize_row on every loaded row (errors name file:line, or count a skip)
+    -> validation: `validation_file`, a hub `validation_split`, or a seeded `val_fraction` hold-out
+    -> classification: label names from the train split (or the config's `labels`), names -> ids
+    -> tokenize, truncate to `max_length`, reject rows whose every target got cut
+    -> optional packing (causal only; example order shuffled with the seed first)
+    -> `TokenDataset` (columns stored as arrow int32 via `datasets.Dataset.from_dict`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+from torch.utils.data import Dataset
+
+from mistral_ft.data.collate import pack_examples
+from mistral_ft.data.config import DataConfig
+from mistral_ft.data.errors import DataError, RowError
+from mistral_ft.data.formats import (
+    IGNORE_INDEX,
+    ChatTokenizer,
+    build_label_map,
+    normalize_row,
+    resolve_label,
+    tokenize_causal,
+    tokenize_sequence,
+)
+from mistral_ft.data.loading import LoadedSplit, load_split
+
+
+@dataclasses.dataclass
+class DataInfo:
+    """What the data turned into; logged and saved with the run (`to_dict` is JSON-ready).
+
+    `id2label` (classification) is what the model config's `id2label` must be; `num_labels` is 1
+    for regression. Token counts are input tokens (`*_tokens`) and loss-bearing tokens
+    (`*_target_tokens`) after truncation.
+    """
+
+    format: str
+    task: str  # "causal_lm" | "classification"
+    train_source: str
+    validation_source: Optional[str]
+    train_examples: int = 0
+    val_examples: int = 0
+    train_rows: int = 0  # = examples, or packed rows when packing
+    val_rows: int = 0
+    truncated: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "validation": 0})
+    skipped: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "validation": 0})
+    train_tokens: int = 0
+    val_tokens: int = 0
+    train_target_tokens: int = 0
+    val_target_tokens: int = 0
+    max_length: int = 0
+    packed: bool = False
+    id2label: Optional[dict[int, str]] = None
+    num_labels: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (id2label keys become strings, as in HF config.json)."""
+        out = dataclasses.asdict(self)
+        if self.id2label is not None:
+            out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write `to_dict()` as JSON (e.g. `<run>/data_info.json`)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @property
+    def label2id(self) -> Optional[dict[str, int]]:
+        """Inverse of `id2label`, for the model config."""
+        return None if self.id2label is None else {v: k for k, v in self.id2label.items()}
+
+
+class TokenDataset(Dataset):
+    """Tokenized examples (or packed rows); `ds[i]` is a dict of python lists / scalars.
+
+    `lengths[i]` is the token count of item i (for the length-grouped sampler).
+    """
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        features = {}
+        for key, values in columns.items():
+            if key == "label":
+                is_float = any(isinstance(v, float) for v in values)
+                features[key] = datasets.Value("float64" if is_float else "int64")
+            else:
+                features[key] = datasets.Sequence(datasets.Value("int32"))
+        self.lengths = [len(x) for x in columns["input_ids"]]
+        self.data = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return self.data[int(idx)]
+
+
+@dataclasses.dataclass
+class _Rows:
+    locs: list[str]
+    rows: list[dict[str, Any]]
+    skipped: int
+
+
+def _normalize(split: LoadedSplit, cfg: DataConfig) -> _Rows:
+    locs, rows = [], []
+    skipped = split.skipped
+    for loc, raw in zip(split.locs, split.dataset):
+        try:
+            rows.append(normalize_row(raw, cfg, from_csv=split.from_csv))
+            locs.append(loc)
+        except RowError as err:
+            if not cfg.skip_invalid:
+                raise DataError(f"{loc}: {err}") from None
+            skipped += 1
+    if not rows:
+        raise DataError(f"{split.source}: no valid rows ({skipped} skipped as invalid)")
+    return _Rows(locs, rows, skipped)
+
+
+def _hold_out(rows: _Rows, fraction: float, seed: int) -> tuple[_Rows, _Rows]:
+    n = len(rows.rows)
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise DataError(f"val_fraction={fraction} leaves no training rows out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    pick = lambda idx: _Rows([rows.locs[i] for i in idx], [rows.rows[i] for i in idx], 0)  # noqa: E731
+    train, val = pick(train_idx), pick(val_idx)
+    train.skipped = rows.skipped
+    return train, val
+
+
+def _tokenize(
+    rows: _Rows, cfg: DataConfig, tokenizer: ChatTokenizer, names: Optional[list[str]], from_ids: bool
+) -> tuple[dict[str, list[Any]], int, int]:
+    """Rows -> columns; returns (columns, truncated, skipped here)."""
+    ids_col: list[list[int]] = []
+    other: list[Any] = []
+    truncated = skipped = 0
+    limit = cfg.max_length
+    for loc, row in zip(rows.locs, rows.rows):
+        try:
+            if cfg.is_causal:
+                ids, labels = tokenize_causal(row, tokenizer)
+                if len(ids) > limit:
+                    ids, labels = ids[:limit], labels[:limit]
+                    truncated += 1
+                    if all(x == IGNORE_INDEX for x in labels):
+                        raise DataError(
+                            f"{loc}: every target token was cut by truncation to max_length={limit} "
+                            f"(raise max_length or shorten the prompt)"
+                        )
+                elif all(x == IGNORE_INDEX for x in labels):
+                    raise DataError(f"{loc}: no target tokens (nothing to learn from this row)")
+                other.append(labels)
+            else:
+                ids = tokenize_sequence(row, tokenizer)
+                if len(ids) > limit:
+                    ids = ids[:limit]
+                    truncated += 1
+                if cfg.format == "regression":
+                    other.append(float(row["label"]))
+                else:
+                    assert names is not None
+                    try:
+                        other.append(resolve_label(row["label"], names, cfg.label_field, from_ids))
+                    except RowError as err:
+                        raise DataError(f"{loc}: {err}") from None
+        except DataError:
+            if not cfg.skip_invalid:
+                raise
+            skipped += 1
+            continue
+        ids_col.append(ids)
+    key = "labels" if cfg.is_causal else "label"
+    return {"input_ids": ids_col, key: other}, truncated, skipped
+
+
+def _finish(columns: dict[str, list[Any]], cfg: DataConfig, seed: int) -> dict[str, list[Any]]:
+    if not cfg.pack:
+        return columns
+    pairs = list(zip(columns["input_ids"], columns["labels"]))
+    random.Random(seed).shuffle(pairs)  # mix lengths and sources across rows, reproducibly
+    packed = pack_examples(pairs, cfg.max_length)
+    return {k: [row[k] for row in packed] for k in ("input_ids", "labels", "position_ids", "document_ids")}
+
+
+def build_datasets(
+    data_cfg: Any, tokenizer: ChatTokenizer
+) -> tuple[TokenDataset, Optional[TokenDataset], DataInfo]:
+    """The whole pipeline: returns (train, validation or None, info). See the module docstring."""
+    cfg = DataConfig.from_mapping(data_cfg)
+    train_split = load_split(cfg.train_file, cfg, cfg.split)
+    train = _normalize(train_split, cfg)
+    val: Optional[_Rows] = None
+    val_source: Optional[str] = None
+    if cfg.validation_file:
+        val_split = load_split(cfg.validation_file, cfg, cfg.validation_split or "validation")
+        val, val_source = _normalize(val_split, cfg), val_split.source
+    elif cfg.validation_split:
+        val_split = load_split(cfg.train_file, cfg, cfg.validation_split)
+        val, val_source = _normalize(val_split, cfg), val_split.source
+    elif cfg.val_fraction:
+        train, val = _hold_out(train, cfg.val_fraction, cfg.seed)
+        val_source = f"{train_split.source} (val_fraction={cfg.val_fraction}, seed={cfg.seed})"
+
+    names: Optional[list[str]] = None
+    from_ids = False
+    if cfg.format == "classification":
+        names, from_ids = build_label_map([r["label"] for r in train.rows], cfg.labels)
+    task = "causal_lm" if cfg.is_causal else "classification"
+    info = DataInfo(cfg.format, task, train_split.source, val_source, max_length=cfg.max_length, packed=cfg.pack)
+    if names is not None:
+        info.id2label = dict(enumerate(names))
+        info.num_labels = len(names)
+    elif cfg.format == "regression":
+        info.num_labels = 1
+
+    cols, trunc, skip = _tokenize(train, cfg, tokenizer, names, from_ids)
+    if not cols["input_ids"]:
+        raise DataError(f"{train_split.source}: no usable examples ({train.skipped + skip} skipped)")
+    info.train_examples, info.truncated["train"], info.skipped["train"] = len(cols["input_ids"]), trunc, train.skipped + skip
+    info.train_tokens = sum(map(len, cols["input_ids"]))
+    if cfg.is_causal:
+        info.train_target_tokens = sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in cols["labels"])
+    cols = _finish(cols, cfg, cfg.seed)
+    train_ds = TokenDataset(cols)
+    info.train_rows = len(train_ds)
+
+    val_ds: Optional[TokenDataset] = None
+    if val is not None:
+        vcols, vtrunc, vskip = _tokenize(val, cfg, tokenizer, names, from_ids)
+        if not vcols["input_ids"]:
+            raise DataError(f"{val_source}: no usable validation examples ({val.skipped + vskip} skipped)")
+        info.val_examples, info.truncated["validation"] = len(vcols["input_ids"]), vtrunc
+        info.skipped["validation"] = val.skipped + vskip
+        info.val_tokens = sum(map(len, vcols["input_ids"]))
+        if cfg.is_causal:
+            info.val_target_tokens = sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in vcols["labels"])
+        vcols = _finish(vcols, cfg, cfg.seed + 1)
+        val_ds = TokenDataset(vcols)
+        info.val_rows = len(val_ds)
+    return train_ds, val_ds, info
