@@ -135,6 +135,9 @@ class MistralConfig:
         mt = d.pop("model_type", "mistral")
         if mt != "mistral":
             raise ConfigError(f"{_source}: key 'model_type' is {mt!r}; mistral_ft loads Mistral models only")
+        if "num_labels" in overrides and "id2label" not in overrides:
+            d.pop("id2label", None)  # a new head size replaces the checkpoint's label names
+            d.pop("label2id", None)
         d.update(overrides)
         return cls(_source=_source, **d)
 

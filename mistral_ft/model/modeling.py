@@ -161,6 +161,15 @@ def build_attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: i
     return allowed
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a clear error for ids outside [0, vocab_size) (the embedding would fail with a bare IndexError)."""
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        pos = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"input_ids{list(pos)} = {int(input_ids[pos])} is outside the vocabulary "
+                         f"[0, {vocab_size}): the tokenizer does not match this model")
+
+
 def _flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -416,12 +425,14 @@ class MistralModel(MistralPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
+            if input_ids.device.type == "cpu":  # free on the host; on a GPU the data path checks ids instead
+                check_token_ids(input_ids, self.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         B, T, _ = inputs_embeds.shape
         device = inputs_embeds.device
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training and past_key_values is None:
-            use_cache = False  # inference state stays out of the training path
+        if (self.training or document_ids is not None) and past_key_values is None:
+            use_cache = False  # inference state stays out of the training (and packed) path
         cache = past_key_values
         if cache is None and use_cache:
             cache = MistralCache(self.config.num_hidden_layers, self.config.sliding_window)
