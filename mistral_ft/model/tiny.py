@@ -33,12 +33,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("MISTRAL_FT_CACHE", Path.home() / ".cache" / "mistral_ft")).expanduser()
 
 
-def default_tokenizer_file() -> Path:
-    from ..tokenizer import default_tokenizer_file as f
-
-    return f()
-
-
 def build_tiny(folder: str | os.PathLike, seed: int = TINY_SEED, overrides: dict | None = None) -> Path:
     """Write a freshly initialised tiny model (fixed seed) to ``folder``; returns the folder."""
     from .modeling import MistralForCausalLM
@@ -49,7 +43,9 @@ def build_tiny(folder: str | os.PathLike, seed: int = TINY_SEED, overrides: dict
         torch.manual_seed(seed)
         model = MistralForCausalLM(config)
     model.save_pretrained(folder)
-    shutil.copyfile(default_tokenizer_file(), Path(folder) / "tokenizer.model")
+    from ..tokenizer import MistralTokenizer
+
+    MistralTokenizer.from_pretrained(None).save_pretrained(folder)  # the Mistral-7B-v0.1 tokenizer
     return Path(folder)
 
 
