@@ -173,3 +173,41 @@ def test_hidden_states_and_return_tuple():
     x = _ids(1, 4)
     out = m(x, return_dict=False)
     assert isinstance(out, tuple) and out[0].shape == (1, 4, TINY["hidden_size"])
+
+
+def test_auto_classes_load_our_folders_with_labels(tmp_path):
+    import transformers
+
+    from mistral_ft import MistralForSequenceClassification
+
+    m = make_ours(MistralForSequenceClassification, num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"})
+    m.save_pretrained(tmp_path / "clf")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf", dtype=torch.float32)
+    assert type(theirs).__name__ == "MistralForSequenceClassification"
+    assert theirs.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    x = _ids(2, 7)
+    assert _maxdiff(m(x).logits, theirs(x).logits) < ATOL
+
+
+def test_peft_lora_adapter_from_ours_loads_on_transformers(tmp_path):
+    """Our module names are HF's: a LoRA adapter trained on our model loads with peft onto transformers' model."""
+    import peft
+    import transformers
+
+    ours, _, folder = hf_pair(tmp_path, "MistralForCausalLM")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"], lora_dropout=0.0)
+    x = _ids(2, 8)
+    before = ours(x).logits
+    pm = peft.get_peft_model(ours, cfg)
+    assert _maxdiff(pm(input_ids=x).logits, before) == 0  # B = 0 at init: outputs unchanged
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ours_lora = pm(input_ids=x).logits
+    assert _maxdiff(ours_lora, before) > 1e-3
+    pm.save_pretrained(tmp_path / "adapter")
+    base = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert _maxdiff(theirs(input_ids=x).logits, ours_lora) < ATOL
