@@ -243,7 +243,10 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_size: int | str 
         folder.mkdir(parents=True, exist_ok=True)
         if not (tmp / INDEX_NAME).exists() and (folder / INDEX_NAME).exists():
             (folder / INDEX_NAME).unlink()  # a stale index from an earlier sharded save would shadow the new file
+        umask = os.umask(0)
+        os.umask(umask)
         for p in tmp.iterdir():  # files we own are replaced; anything else in the folder is left alone
+            os.chmod(p, 0o666 & ~umask)  # temp files are created 0600; a model folder is meant to be shared
             os.replace(p, folder / p.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
