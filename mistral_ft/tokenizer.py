@@ -587,11 +587,11 @@ class StreamDecoder:
             self._pending.append(self._texts[token_id])
             self._at_start = False
             return self._drain(final=False)
+        if kind == _SPECIAL and self._skip:
+            return ""  # as if absent: bytes around a skipped special token still join into one character
         out = self._drain(final=True) if self._pending else ""
         text = self._texts[token_id]
         if kind == _SPECIAL:
-            if self._skip:
-                return out
             self._at_start = False
             return out + text
         if self._at_start and text.startswith(" "):
