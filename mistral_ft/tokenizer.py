@@ -111,7 +111,9 @@ def check_token_ids(ids: Any, vocab_size: int, where: str = "input_ids") -> None
                 if isinstance(row, torch.Tensor):
                     row = row.detach().cpu().numpy()
                 if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)):
-                    raise ValueError(f"{where}: row {row_index} must be a sequence of token ids, got {type(row).__name__}")
+                    raise ValueError(
+                        f"{where}: row {row_index} must be a sequence of token ids, got {type(row).__name__}"
+                    )
                 _check_array(_as_int_array(row, where), vocab_size, where, (row_index,))
         else:
             _check_array(_as_int_array(ids, where), vocab_size, where, ())
@@ -138,7 +140,9 @@ def _check_array(array: np.ndarray, vocab_size: int, where: str, prefix: tuple[i
     position = prefix + tuple(int(p) for p in np.unravel_index(flat_index, array.shape))
     position_text = str(position[0]) if len(position) == 1 else str(position)
     value = int(array.reshape(-1)[flat_index])
-    raise ValueError(f"{where}: token id {value} at position {position_text} is outside the vocabulary [0, {vocab_size})")
+    raise ValueError(
+        f"{where}: token id {value} at position {position_text} is outside the vocabulary [0, {vocab_size})"
+    )
 
 
 class MistralTokenizer:
@@ -195,7 +199,8 @@ class MistralTokenizer:
                 texts.append(piece.replace("\u2581", " "))
         if _BYTE not in kinds:
             raise ValueError(
-                f"tokenizer {str(self.model_file)!r} has no byte-fallback pieces: Mistral tokenizers are byte-fallback BPE, "
+                f"tokenizer {str(self.model_file)!r} has no byte-fallback pieces: Mistral tokenizers are "
+                "byte-fallback BPE, "
                 "and pad id 0 (<unk>) is only safe when <unk> can never be produced"
             )
         self._kinds = kinds
@@ -352,6 +357,8 @@ class MistralTokenizer:
                 f"texts[{i}] is {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)
             )
             raise TypeError(f"tokenizer call: texts_or_text must be a str or a list of str ({bad})")
+        if len(texts) == 0:
+            raise ValueError("tokenizer call: texts_or_text is an empty list")
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if padding is True:
@@ -360,7 +367,8 @@ class MistralTokenizer:
             padding = "do_not_pad"
         if padding not in ("do_not_pad", "longest", "max_length"):
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0):
+        bad_max_length = isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0
+        if max_length is not None and bad_max_length:
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs max_length (got None)")
@@ -376,7 +384,9 @@ class MistralTokenizer:
             if budget < 0:
                 raise ValueError(f"max_length={limit} leaves no room for the special tokens")
             rows = [row[:budget] for row in rows]
-        rows = [([self.bos_token_id] if add_bos else []) + row + ([self.eos_token_id] if add_eos else []) for row in rows]
+        head = [self.bos_token_id] if add_bos else []
+        tail = [self.eos_token_id] if add_eos else []
+        rows = [head + row + tail for row in rows]
         masks = [[1] * len(row) for row in rows]
 
         if padding != "do_not_pad":
@@ -429,7 +439,9 @@ class MistralTokenizer:
         parts.append(decoder.flush())
         return "".join(parts)
 
-    def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
         """``decode`` per row of a list of lists or a 2-D tensor."""
         if isinstance(batch, (torch.Tensor, np.ndarray)):
             if batch.ndim != 2:
@@ -442,7 +454,7 @@ class MistralTokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def decode_stream(self, ids: Iterable[int], skip_special_tokens: bool = True) -> Iterator[str]:
-        """Yield non-empty text pieces as ``ids`` arrive; ``"".join`` of them == ``decode(ids, skip_special_tokens)``."""
+        """Yield non-empty text pieces as ``ids`` arrive; their ``"".join`` is ``decode(ids, skip_special_tokens)``."""
         decoder = StreamDecoder(self, skip_special_tokens=skip_special_tokens)
         for token_id in ids:
             text = decoder.put(token_id)
@@ -568,7 +580,9 @@ class StreamDecoder:
         put ->   "Hi"   " "    ""      ""      ""      "🫠"
 
     Incomplete bytes wait until the character completes; bytes that can no longer form a valid
-    character come out as U+FFFD at once (sentencepiece's rule, one per byte).
+    character come out as U+FFFD at once (sentencepiece's rule, one per byte). With
+    ``skip_special_tokens=True`` a special id is as if absent (bytes on both sides of it join, as in
+    transformers, which drops special ids before decoding).
     """
 
     def __init__(self, tokenizer: MistralTokenizer, skip_special_tokens: bool = True) -> None:
@@ -609,7 +623,9 @@ class StreamDecoder:
         index = 0
         while index < len(pending):
             lead = pending[index]
-            size = 1 if lead < 0x80 else 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 0
+            # UTF-8 length from the lead byte; 0: a continuation byte or an impossible lead (0xF8..0xFF)
+            size = (1 if lead < 0x80 else 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0
+                    else 4 if 0xF0 <= lead < 0xF8 else 0)
             if size == 0:
                 out.append("\ufffd")
                 index += 1
@@ -641,7 +657,9 @@ def _validate_messages(messages: Any) -> tuple[str | None, list[tuple[str, str, 
     turns: list[tuple[str, str, int]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise ValueError(
+                f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}"
+            )
         role = message.get("role")
         if role not in _ROLES:
             raise ValueError(f"messages[{index}].role must be one of {_ROLES}, got {role!r}")
@@ -658,7 +676,9 @@ def _validate_messages(messages: Any) -> tuple[str | None, list[tuple[str, str, 
                 raise ValueError(f"messages[{index}].weight must be 0 or 1, got {weight!r}")
         if role == "system":
             if index != 0:
-                raise ValueError(f"messages[{index}].role: a system message is only allowed first, got one at index {index}")
+                raise ValueError(
+                    f"messages[{index}].role: a system message is only allowed first, got one at index {index}"
+                )
             system = content
             continue
         previous = turns[-1][0] if turns else None

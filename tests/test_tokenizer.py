@@ -227,26 +227,35 @@ def test_generation_prompt(tok: MistralTokenizer) -> None:
         tok.encode_chat(CONVERSATIONS[2], add_generation_prompt=True)
 
 
+def _u(content: str = "a", **extra) -> dict:
+    return {"role": "user", "content": content, **extra}
+
+
+def _a(content: str = "b", **extra) -> dict:
+    return {"role": "assistant", "content": content, **extra}
+
+
+def _s(content: str = "s") -> dict:
+    return {"role": "system", "content": content}
+
+
 @pytest.mark.parametrize(
     ("messages", "pattern"),
     [
         ([], "messages is empty"),
         ("hi", "must be a list of dicts"),
         ([{"role": "bot", "content": "x"}], r"messages\[0\]\.role must be one of"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"messages\[1\]\.role.*two 'user'"),
-        ([{"role": "assistant", "content": "a"}], r"messages\[0\]\.role.*start with a user"),
-        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], r"messages\[1\]\.role.*start with a user"),
-        ([{"role": "user", "content": ""}], r"messages\[0\]\.content is empty"),
-        ([{"role": "user", "content": None}], r"messages\[0\]\.content must be a str"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], r"messages\[1\]\.role: a system message"),
-        ([{"role": "system", "content": "s"}], "only a system message"),
-        ([{"role": "user", "content": "a", "weight": 1}], r"messages\[0\]\.weight is only allowed on assistant"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}], r"messages\[1\]\.weight must be 0 or 1"),
-        ([{"role": "user", "content": "a"}, "oops"], r"messages\[1\] must be a dict"),
-        (
-            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
-            r"messages\[2\]\.role.*two 'assistant'",
-        ),
+        ([_u(), _u()], r"messages\[1\]\.role.*two 'user'"),
+        ([_a()], r"messages\[0\]\.role.*start with a user"),
+        ([_s(), _a()], r"messages\[1\]\.role.*start with a user"),
+        ([_u("")], r"messages\[0\]\.content is empty"),
+        ([_u(None)], r"messages\[0\]\.content must be a str"),
+        ([_u(), _s()], r"messages\[1\]\.role: a system message"),
+        ([_s()], "only a system message"),
+        ([_u(weight=1)], r"messages\[0\]\.weight is only allowed on assistant"),
+        ([_u(), _a(weight=2)], r"messages\[1\]\.weight must be 0 or 1"),
+        ([_u(), "oops"], r"messages\[1\] must be a dict"),
+        ([_u(), _a(), _a()], r"messages\[2\]\.role.*two 'assistant'"),
     ],
 )
 def test_chat_validation_errors(tok: MistralTokenizer, messages, pattern: str) -> None:
@@ -256,9 +265,8 @@ def test_chat_validation_errors(tok: MistralTokenizer, messages, pattern: str) -
 
 def test_chat_ignores_none_fields_from_datasets(tok: MistralTokenizer) -> None:
     """``datasets`` fills missing keys with None across rows: weight None on any role means 'default'."""
-    messages = [{"role": "user", "content": "a", "weight": None, "name": None},
-                {"role": "assistant", "content": "b", "weight": None}]
-    assert tok.encode_chat(messages) == tok.encode_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    messages = [_u(weight=None, name=None), _a(weight=None)]
+    assert tok.encode_chat(messages) == tok.encode_chat([_u(), _a()])
 
 
 def test_chat_template_text_matches_token_rule(tok: MistralTokenizer) -> None:
@@ -334,6 +342,8 @@ def test_batch_call_errors(tok: MistralTokenizer) -> None:
         tok(["a"], padding="max_length")
     with pytest.raises(ValueError, match="padding must be"):
         tok(["a"], padding="shortest")
+    with pytest.raises(ValueError, match="empty list"):
+        tok([])
     with pytest.raises(ValueError, match="return_tensors"):
         tok(["a"], return_tensors="np")
     with pytest.raises(ValueError, match="max_length must be a positive int"):
