@@ -266,3 +266,35 @@ def test_flash_argument_mapping_matches_sdpa():
         got = flash_attention(q, k, v, key_valid, doc, W, hd ** -0.5, 0.0, _standin_dense, _standin_varlen)
         rows = valid if key_valid is not None else torch.ones_like(valid)
         assert (got - ref).transpose(1, 2)[rows].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_loss_equals_plain_values_and_gradients(reduction):
+    m = make_ours(MistralForCausalLM)
+    x = _ids(2, 11)
+    labels = x.clone()
+    labels[0, :4] = -100
+    grads = []
+    for chunk in (None, 5):
+        m.zero_grad()
+        out = m(x, labels=labels, loss_reduction=reduction, loss_chunk_size=chunk, return_logits=chunk is None)
+        assert (out.logits is None) == (chunk is not None)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) < 1e-5 * max(1.0, abs(l0.item()))
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() < 1e-6
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    m = make_ours(MistralForCausalLM).train()
+    x = _ids(2, 9)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing_enable() if ckpt else m.gradient_checkpointing_disable()
+        m(x, labels=x).loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-6

@@ -500,6 +500,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
+def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                           reduction: str = "mean") -> torch.Tensor:
+    """The same loss as :func:`causal_lm_loss`, without ever holding fp32 logits for the whole batch.
+
+    Tokens are processed ``chunk_size`` at a time; each chunk's logits are recomputed in backward (activation
+    checkpointing), so the peak is one chunk of (chunk_size, V) logits instead of (B*T, V): for Mistral-7B at
+    4 x 4096 tokens that is 2 GiB of fp32 logits (plus as much for their gradient) avoided. Called inside the
+    model's forward, so FSDP's hooks have gathered ``lm_head`` when it runs.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
+    h = hidden.reshape(-1, hidden.shape[-1])
+
+    def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm_head(h_chunk).float(), t_chunk, ignore_index=-100, reduction="sum")
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
+        total = total + (checkpoint(chunk_loss, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(hc, tc))
+    return total if reduction == "sum" else total / (targets != -100).sum()
+
+
 class MistralForCausalLM(MistralPreTrainedModel):
     """Decoder + language-model head. ``labels`` (unshifted, -100 ignored) give ``loss``."""
 
@@ -518,12 +543,23 @@ class MistralForCausalLM(MistralPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                document_ids: torch.Tensor | None = None, loss_reduction: str = "mean", **kwargs: Any,
+                document_ids: torch.Tensor | None = None, loss_reduction: str = "mean",
+                loss_chunk_size: int | None = None, return_logits: bool = True, **kwargs: Any,
                 ) -> CausalLMOutputWithPast | tuple:
+        """Besides the HF arguments: ``document_ids`` (packed rows), ``loss_reduction`` ("mean" | "sum"),
+        ``loss_chunk_size`` (compute the loss ``loss_chunk_size`` tokens at a time, see
+        :func:`chunked_causal_lm_loss`) and ``return_logits=False`` (skip the full logits when only the loss
+        is needed: with chunking, training never materialises (B, T, V))."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, True, document_ids)
-        logits = self.lm_head(out.last_hidden_state)  # (B, T, V)
-        loss = causal_lm_loss(logits, labels, loss_reduction) if labels is not None else None
+        hidden = out.last_hidden_state
+        loss = logits = None
+        if labels is not None and loss_chunk_size:
+            loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, loss_chunk_size, loss_reduction)
+        if return_logits or loss is None and labels is not None:
+            logits = self.lm_head(hidden)  # (B, T, V)
+        if labels is not None and loss is None:
+            loss = causal_lm_loss(logits, labels, loss_reduction)
         res = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return res if return_dict is not False else res.to_tuple()
 
