@@ -298,3 +298,19 @@ def test_gradient_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         assert (a - b).abs().max() < 1e-6
+
+
+def test_flex_attention_forward_matches_sdpa():
+    """FlexAttention (the CUDA training path for packed/padded rows) has a forward on CPU: compare with SDPA."""
+    m = make_ours(MistralForCausalLM)
+    x = _ids(2, 40)
+    mask = torch.ones_like(x)
+    mask[1, 30:] = 0  # right padding
+    doc = torch.cat([torch.zeros(2, 17, dtype=torch.long), torch.ones(2, 23, dtype=torch.long)], 1)
+    pos = torch.cat([torch.arange(17), torch.arange(23)]).expand(2, -1)
+    with torch.no_grad():
+        m.config.attn_implementation = "sdpa"
+        ref = m(x, attention_mask=mask, position_ids=pos, document_ids=doc).logits
+        m.config.attn_implementation = "flex_attention"
+        got = m(x, attention_mask=mask, position_ids=pos, document_ids=doc).logits
+    assert (got - ref)[mask.bool()].abs().max() < 1e-5

@@ -46,7 +46,7 @@ _FIELDS: dict[str, tuple[Any, tuple[type, ...]]] = {
     "architectures": (None, (list, type(None))),
 }
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 class ConfigError(ValueError):

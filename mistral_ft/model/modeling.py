@@ -135,6 +135,43 @@ class AttentionInputs:
     key_valid: torch.Tensor | None = None  # (B, S) for the flash path
     document_ids: torch.Tensor | None = None
     cached: bool = False
+    block_mask: Any = None  # FlexAttention BlockMask (attn_implementation="flex_attention")
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(device: torch.device):
+    """FlexAttention, compiled once per process on CUDA (uncompiled it is a slow reference); eager on CPU,
+    where it has a forward only (tests compare it with SDPA there)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def build_block_mask(B: int, T: int, window: int | None, key_valid: torch.Tensor | None,
+                     document_ids: torch.Tensor | None, device: torch.device):
+    """The rule of :func:`build_attention_mask` as a FlexAttention BlockMask: blocks entirely outside the window,
+    another document or padding are skipped, not computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = kv_idx <= q_idx
+        if window is not None:
+            ok = ok & (q_idx - kv_idx < window)
+        if key_valid is not None:
+            ok = ok & key_valid[b, kv_idx]
+        if document_ids is not None:
+            ok = ok & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        return ok
+
+    batch = B if key_valid is not None or document_ids is not None else None
+    return create_block_mask(mask_mod, batch, None, T, T, device=device)
 
 
 def build_attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None,
@@ -207,6 +244,11 @@ class MistralAttention(nn.Module):
             y, weights = self._eager(q, k, v, attn.mask, dropout)
         elif impl == "flash_attention_2" and not attn.cached:
             y = self._flash(q, k, v, attn, dropout)
+        elif impl == "flex_attention" and attn.block_mask is not None:
+            if dropout:
+                raise ValueError("attention_dropout is not supported with attn_implementation='flex_attention'")
+            y = flex_attention_fn(q.device)(q, k, v, block_mask=attn.block_mask, scale=self.scaling,
+                                            enable_gqa=self.num_key_value_groups > 1)
         else:
             y = self._sdpa(q, k, v, attn.mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh*hd)
@@ -459,11 +501,16 @@ class MistralModel(MistralPreTrainedModel):
             if new_valid is not None and device.type == "cpu" and bool(new_valid.all()):
                 new_valid = None  # no padding: keep the is_causal fast path (a free check on the host)
             need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
+            # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
+            need_mask = need_mask and (self.config.attn_implementation in ("sdpa", "eager") or bool(output_attentions))
             mask = None
             if need_mask:
                 idx = torch.arange(T, device=device)
                 mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
-            attn = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids)
+            block_mask = None
+            if self.config.attn_implementation == "flex_attention":
+                block_mask = build_block_mask(B, T, W, new_valid, document_ids, device)
+            attn = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids, block_mask=block_mask)
 
         rope = self.rotary_emb(inputs_embeds, position_ids)
         x = inputs_embeds
