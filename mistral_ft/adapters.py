@@ -1,0 +1,85 @@
+"""Parameter-efficient fine-tuning through peft, in one function.
+
+Why one function and not our own LoRA layers: peft is what users load adapters with (and vLLM
+reads its files), and because our module names are the HF names (`q_proj`, ..., `score`), an
+adapter trained here has the same keys as one trained on transformers' Mistral. Copying model
+classes to add LoRA (litgpt's lora.py) is the path we avoid.
+
+Facts this relies on (checked with peft 0.21):
+- `task_type="CAUSAL_LM"` wraps in `PeftModelForCausalLM`, which reads
+  `prepare_inputs_for_generation` off the model (our MistralForCausalLM has it).
+- `task_type="SEQ_CLS"` adds `score` to `modules_to_save`: the head trains in full and is saved in
+  the adapter file next to the LoRA matrices (a new head is useless without them).
+- peft keeps adapter weights in fp32 on a bf16/fp16 base (`autocast_adapter_dtype=True`), which is
+  what mixed-precision training wants for the few trainable parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+# All seven linear layers of a Mistral decoder layer (HF names): QLoRA's finding that adapting
+# every linear layer is what closes the gap to full fine-tuning (Dettmers et al. 2023, sec. 4).
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_METHODS = ("lora", "none")
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+
+
+def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm") -> nn.Module:
+    """Return `model` ready for training as `cfg` (the `peft:` config group) says.
+
+    `cfg["method"]`:
+      - "none": full fine-tuning; every parameter trains, the model is returned as it is.
+      - "lora": LoRA with `r`, `alpha`, `dropout` on `target_modules` (HF names; default: all seven
+        linear layers). The base is frozen; for `task="classification"` the `score` head trains
+        in full and is saved with the adapter.
+    Raises ValueError naming the key for a bad method, rank or target list.
+    """
+    method = str(cfg.get("method", "lora"))
+    if method not in PEFT_METHODS:
+        raise ValueError(f"peft.method: {method!r} is not one of {list(PEFT_METHODS)}")
+    if task not in TASK_TYPES:
+        raise ValueError(f"task: {task!r} is not one of {sorted(TASK_TYPES)}")
+    if method == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    r = int(cfg.get("r", 16))
+    if r < 1:
+        raise ValueError(f"peft.r: the LoRA rank must be >= 1, got {r}")
+    targets = list(cfg.get("target_modules") or DEFAULT_TARGET_MODULES)
+    _check_targets(model, targets)
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=float(cfg.get("alpha", 2 * r)),
+        lora_dropout=float(cfg.get("dropout", 0.0)),
+        target_modules=targets,
+        bias="none",
+        task_type=TASK_TYPES[task],
+        modules_to_save=["score"] if task == "classification" else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def _check_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """Fail with the valid names instead of peft's message when a target matches no Linear."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise ValueError(
+            f"peft.target_modules: {missing} match no linear layer of the model; "
+            f"valid names: {sorted(linear_names - {'lm_head', 'score'})}"
+        )
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for the start-of-run report."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
