@@ -9,7 +9,7 @@ bad row) and validate again, identically, the rows `datasets` hands back.
 Canonical rows:
     text            {"text": str}
     alpaca          {"messages": [user, assistant]}   user = instruction + ("\\n\\n" + input if input)
-    messages        {"messages": [{"role", "content", "weight"}, ...]}
+    messages        {"messages": [{"role", "content", "weight" (0 | 1; 1 on non-assistant)}, ...]}
     classification  {"text": str, "label": str | int}  (name or id; ids are resolved later)
     regression      {"text": str, "label": float}
 """
@@ -84,11 +84,13 @@ def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
             raise RowError(f"{where}.content", "missing")
         content = _text(msg["content"], f"{where}.content")
         weight = msg.get("weight")
+        if weight is not None and role != "assistant":
+            raise RowError(f"{where}.weight", f"only allowed on assistant messages (this one is {role!r})")
         if weight is None:
             weight = 1
-        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise RowError(f"{where}.weight", f"expected a number (0 or 1), got {weight!r}")
-        out.append({"role": role, "content": content, "weight": weight})
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise RowError(f"{where}.weight", f"expected 0 or 1, got {weight!r}")
+        out.append({"role": role, "content": content, "weight": int(weight)})
     # v1 [INST] format: optional system first, then user/assistant strictly alternating, user first.
     turns = out[1:] if out[0]["role"] == "system" else out
     for i, msg in enumerate(turns):
@@ -154,7 +156,7 @@ def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return {
             "messages": [
-                {"role": "user", "content": user, "weight": 0},
+                {"role": "user", "content": user, "weight": 1},
                 {"role": "assistant", "content": output, "weight": 1},
             ]
         }
@@ -180,7 +182,11 @@ def tokenize_causal(row: dict[str, Any], tokenizer: ChatTokenizer) -> tuple[list
         ids = tokenizer.encode(row["text"], add_bos=True, add_eos=True)
         mask = [False] + [True] * (len(ids) - 1)
     else:
-        messages = [{"role": m["role"], "content": m["content"], "weight": m["weight"]} for m in row["messages"]]
+        # weight only on assistant messages: that is where the tokenizer accepts (and uses) it
+        messages = [
+            {"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if m["role"] == "assistant" else {})}
+            for m in row["messages"]
+        ]
         ids, mask = tokenizer.encode_chat(messages)
     if len(ids) != len(mask):
         raise RuntimeError(f"tokenizer returned {len(ids)} ids but {len(mask)} mask entries")
