@@ -211,7 +211,10 @@ def _load_local(path: Path, cfg: DataConfig) -> LoadedSplit:
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # keep every cell a string: we parse numbers ourselves, pandas would turn "007" into 7
-        kwargs.update(dtype=str, keep_default_na=False)
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh))
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        kwargs.update(features=features, keep_default_na=False)
     ds: Optional[datasets.Dataset] = None
     if not skipped:
         ds = _datasets_load(builder, str(path), kwargs, path)
