@@ -217,3 +217,142 @@ def test_bad_arguments_are_clear_errors():
         out = model.generate(ids, max_new_tokens=30, eos_token_id=[])
     assert out.shape == (1, 16)
     assert model.generate(ids, max_length=6, eos_token_id=[]).shape == (1, 6)  # transformers' max_length
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A real HF folder (config.json + safetensors + tokenizer.model), 32000-token vocabulary, window 8."""
+    from mistral_ft.model.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "base", seed=11,
+                      overrides={"sliding_window": 8, "max_position_embeddings": 64})
+
+
+def _reference_texts(model, tok, prompts, **kw):
+    texts = []
+    for p in prompts:
+        ids = torch.tensor([tok.encode(p)])
+        texts.append(tok.batch_decode(model.generate(ids, **kw), skip_special_tokens=True)[0])
+    return texts
+
+
+PROMPTS = ["Hello 🫠 wörld", "  two leading spaces\nand a newline\n", "日本語"]
+
+
+def test_cli_streams_exactly_batch_decode(tiny_folder, capsys):
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.generate import main
+    from mistral_ft.tokenizer import MistralTokenizer
+
+    argv = ["--model", str(tiny_folder), "--max-new-tokens", "20"]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    model, tok = MistralForCausalLM.from_pretrained(tiny_folder), MistralTokenizer.from_pretrained(tiny_folder)
+    expected = _reference_texts(model, tok, PROMPTS, max_new_tokens=20)
+    assert out == "".join(t + "\n" for t in expected)
+    assert out.startswith("Hello 🫠 wörld") and "  two leading spaces\nand a newline\n" in out  # prompt echoed
+    assert all(len(t) > len(p) for t, p in zip(expected, PROMPTS))  # something was generated
+
+
+def test_cli_sampling_is_reproducible(tiny_folder, capsys):
+    from mistral_ft.generate import main
+
+    argv = ["--model", str(tiny_folder), "--prompt", "Once upon", "--prompt", "a time", "--max-new-tokens", "10",
+            "--do-sample", "--top-k", "50", "--top-p", "0.95", "--temperature", "1.5", "--seed", "3",
+            "--dtype", "bfloat16", "--attn", "eager"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.count("\n") >= 2
+
+
+def test_cli_chat_uses_v1_format_until_exit(tiny_folder, capsys, monkeypatch):
+    import io
+
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.generate import main
+    from mistral_ft.tokenizer import MistralTokenizer
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n\nTell me more 🙂\n/exit\nnever read\n"))
+    assert main(["--model", str(tiny_folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    model, tok = MistralForCausalLM.from_pretrained(tiny_folder), MistralTokenizer.from_pretrained(tiny_folder)
+    messages, replies = [{"role": "system", "content": "Be brief."}], []
+    for user in ["Hi there", "Tell me more 🙂"]:
+        messages.append({"role": "user", "content": user})
+        ids, _ = tok.encode_chat(messages)
+        new = model.generate(torch.tensor([ids]), max_new_tokens=8)[0, len(ids):]
+        replies.append(tok.decode(new, skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert out == "".join(r + "\n" for r in replies)
+
+
+def _lora_adapter(base_folder, out, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    from mistral_ft import MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM.from_pretrained(base_folder)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  task_type="CAUSAL_LM", init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+def test_cli_adapter_matches_peft_model_and_refuses_another_base(tiny_folder, tmp_path, capsys):
+    from mistral_ft.generate import main
+    from mistral_ft.model.tiny import build_tiny
+    from mistral_ft.tokenizer import MistralTokenizer
+
+    peft_model = _lora_adapter(tiny_folder, tmp_path / "adapter")
+    tok = MistralTokenizer.from_pretrained(tiny_folder)
+    expected = _reference_texts(peft_model.get_base_model(), tok, ["Hello"], max_new_tokens=12)
+    base_only = _reference_texts(peft_model.get_base_model().__class__.from_pretrained(tiny_folder), tok, ["Hello"],
+                                 max_new_tokens=12)
+    assert expected != base_only  # the adapter changes the output, so the check below means something
+    assert main(["--model", str(tiny_folder), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hello",
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+    # the same run folder layout train.py writes: adapter/ with its base in adapter_config.json
+    (tmp_path / "run").mkdir()
+    (tmp_path / "adapter").rename(tmp_path / "run" / "adapter")
+    assert main(["--run", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+    other = build_tiny(tmp_path / "other", seed=1, overrides={"hidden_size": 32, "intermediate_size": 96})
+    _lora_adapter(other, tmp_path / "other_adapter")
+    rc = main(["--model", str(tiny_folder), "--adapter", str(tmp_path / "other_adapter"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "was trained on base" in err and "hidden_size: 32 (adapter's base) vs 64 (--model)" in err
+    # the base folder is gone (trained elsewhere): the shape check still catches it
+    import shutil
+
+    shutil.rmtree(other)
+    rc = main(["--model", str(tiny_folder), "--adapter", str(tmp_path / "other_adapter"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit --model" in err and "lora_A" in err
+
+
+def test_cli_clear_errors(tiny_folder, tmp_path, capsys):
+    from mistral_ft.generate import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and "no such folder" in err and "Traceback" not in err
+
+    long_prompt = "word " * 80  # > max_position_embeddings = 64 tokens
+    assert main(["--model", str(tiny_folder), "--prompt", "ok", "--prompt", long_prompt]) == 2
+    captured = capsys.readouterr()
+    assert "--prompt #2 is" in captured.err and "at most 64" in captured.err
+    assert captured.out == ""  # checked before anything is generated
+
+    assert main(["--run", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no model/ or adapter/ folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at most 64"):
+        main(["--model", str(tiny_folder), "--prompt", long_prompt, "--debug"])
