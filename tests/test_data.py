@@ -218,6 +218,14 @@ def test_csv_and_parquet_errors_name_rows(tmp_path, tok):
     g = write_csv(tmp_path / "cols.csv", ["sentence"], [["a"]])
     with pytest.raises(DataError, match=rf"{g}:row 1: field 'text': missing \(fields present: sentence\)"):
         build_datasets({"train_file": str(g), "format": "text"}, tok)
+    cells = tmp_path / "cells.csv"
+    cells.write_text("text,label\nok,1\nx,2,3\n")
+    with pytest.raises(DataError, match=rf"{cells}:row 2: malformed CSV: 3 cells, header has 2"):
+        build_datasets({"train_file": str(cells), "format": "classification"}, tok)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text,label\nok,1\ncaf\xe9,2\n")
+    with pytest.raises(DataError, match=rf"{latin}:3: not UTF-8 text"):
+        build_datasets({"train_file": str(latin), "format": "classification"}, tok)
     p = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"text": ["fine", ""]}), p)
     with pytest.raises(DataError, match=rf"{p}:row 2: field 'text': empty text"):

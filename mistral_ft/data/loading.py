@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -71,14 +72,19 @@ def _loc(path: Path, line: int, kind: str) -> str:
     return f"{path}:{line}" if kind == "line" else f"{path}:row {line}"
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is a file-level error (no row can be trusted)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); re-save the file as UTF-8") from None
+
+
 def _iter_json(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
     """(line, parsed row or None, error) for a JSON Lines file or a JSON array file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        yield line, None, f"not UTF-8 text ({err.reason})"
-        return
+    text = _read_utf8(path)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array: walk it element by element to keep line numbers
         decoder = json.JSONDecoder()
@@ -109,28 +115,27 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
     """(data row number, dict of strings, error); row 1 is the first row after the header."""
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    row_no = 0
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:
-                return
-            width = len(reader.fieldnames)
-            row_no = 0
-            while True:
-                try:
-                    rec = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as err:
-                    yield row_no + 1, None, f"malformed CSV: {err}"
-                    return
-                row_no += 1
-                if None in rec:  # DictReader puts surplus cells under the key None
-                    yield row_no, None, f"malformed CSV: {width + len(rec[None])} cells, header has {width}"
-                    continue
-                yield row_no, {k: v for k, v in rec.items()}, None
-    except UnicodeDecodeError as err:
-        yield 0, None, f"not UTF-8 text ({err.reason})"
+        if reader.fieldnames is None:
+            return
+    except csv.Error as err:
+        raise DataError(f"{path}: unreadable CSV header ({err})") from None
+    width = len(reader.fieldnames)
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # cannot resynchronise: stop here
+            yield row_no + 1, None, f"malformed CSV: {err}"
+            return
+        row_no += 1
+        if None in rec:  # DictReader puts surplus cells under the key None
+            yield row_no, None, f"malformed CSV: {width + len(rec[None])} cells, header has {width}"
+            continue
+        yield row_no, dict(rec), None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
