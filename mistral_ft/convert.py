@@ -185,7 +185,8 @@ def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLi
     config = read_params(input_dir / "params.json", model_size)
     shards = sorted(p.name for p in input_dir.glob("consolidated.*.pth"))
     if not shards:
-        raise ConversionError(f"{input_dir}: no {CHECKPOINT_NAME} found (found: {sorted(p.name for p in input_dir.iterdir())})")
+        found = sorted(p.name for p in input_dir.iterdir())
+        raise ConversionError(f"{input_dir}: no {CHECKPOINT_NAME} found (found: {found})")
     if shards != [CHECKPOINT_NAME]:
         raise ConversionError(f"{input_dir}: model-parallel shards {shards} are not supported; the 7B release has "
                               f"one {CHECKPOINT_NAME}")

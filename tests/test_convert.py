@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -154,14 +153,24 @@ def test_missing_key_unknown_field_and_size_mismatch_are_clear_errors(tmp_path):
     assert main(["--input_dir", str(src), "--output_dir", str(tmp_path / "out")]) == 2  # CLI: message, no traceback
 
 
-def test_script_runs_as_the_seed_documents(tmp_path):
+def test_script_runs_as_the_seed_documents(tmp_path, monkeypatch, capsys):
+    """scripts/convert_mistral_weights_to_hf.py with the seed's arguments (run in-process: no 5 s interpreter start)."""
+    import runpy
+
     sd = _original_state(PARAMS)
     src = _write_original(tmp_path / "orig", PARAMS, sd)
     script = Path(__file__).resolve().parents[1] / "scripts" / "convert_mistral_weights_to_hf.py"
-    r = subprocess.run([sys.executable, str(script), "--input_dir", str(src), "--output_dir", str(tmp_path / "hf"),
-                        "--model_size", "7B"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert "--model_size 7B" in r.stderr
+    monkeypatch.setattr(sys, "argv", [str(script), "--input_dir", str(src), "--output_dir", str(tmp_path / "hf"),
+                                      "--model_size", "7B"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "--model_size 7B" in err
+    monkeypatch.setattr(sys, "argv", [str(script), "--input_dir", str(src), "--output_dir", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_mha_to_gqa_shapes_and_exact_for_identical_heads():

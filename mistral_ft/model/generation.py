@@ -147,8 +147,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
             Neither: ``max_length = 20`` (transformers' default).
         do_sample: False = greedy (argmax); True = sample from the processed distribution.
         temperature, top_k, top_p: sampling controls, applied in this order (ignored when greedy).
-        eos_token_id: int or list; default (None) ``config.eos_token_id``; ``[]`` = never stop early. pad_token_id: default ``config.pad_token_id``
-            or 0; emitted by finished rows.
+        eos_token_id: int or list; default (None) ``config.eos_token_id``; ``[]`` = never stop early.
+        pad_token_id: default ``config.pad_token_id`` or 0; emitted by finished rows.
         seed: makes sampling reproducible (a fresh ``torch.Generator`` on the model's device); or pass
             ``generator`` directly.
         streamer: gets ``put(prompt)``, then ``put(new_tokens)`` (B,) per step on the CPU, then ``end()``.
