@@ -459,6 +459,11 @@ def test_datamodule_from_hydra_config_classification_batch(tmp_path, tok):
     batch = next(iter(dm.train_dataloader()))
     assert batch["labels"].shape == (4,) and batch["input_ids"].shape[0] == 4
     assert len(next(iter(dm.val_dataloader()))["labels"]) == 2
+    state = dm.state_dict()  # what Lightning stores in the checkpoint
+    assert state["data_info"]["id2label"] == {"0": "b", "1": "a"}
+    dm.load_state_dict(state)
+    with pytest.raises(DataError, match="checkpoint was trained with labels"):
+        dm.load_state_dict({"data_info": {"id2label": {"0": "a", "1": "b"}}})
 
 
 def test_json_array_error_has_the_line(tmp_path, tok):

@@ -68,6 +68,24 @@ class MistralDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset, self.info = build_datasets(self.cfg, self.tokenizer)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every Lightning checkpoint: the data summary, so the label mapping travels with it."""
+        return {"data_info": self.info.to_dict()} if self.info is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: refuse data whose label mapping differs from the one the checkpoint was trained with."""
+        saved = state_dict.get("data_info", {}).get("id2label")
+        if saved is None:
+            return
+        self.setup()
+        assert self.info is not None
+        now = self.info.to_dict()["id2label"]
+        if now != saved:
+            raise DataError(
+                f"the checkpoint was trained with labels {saved}, but the data now gives {now}; "
+                f"set 'labels: {list(saved.values())}' in the data config to keep the checkpoint's ids"
+            )
+
     def train_dataloader(self) -> ResumableDataLoader:
         """Seeded, resumable, sharded over ranks; length-grouped when `group_by_length`."""
         self.setup()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +35,8 @@ from mistral_ft.data.formats import (
     tokenize_sequence,
 )
 from mistral_ft.data.loading import LoadedSplit, load_split
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -252,4 +255,14 @@ def build_datasets(
         vcols = _finish(vcols, cfg, cfg.seed + 1)
         val_ds = TokenDataset(vcols)
         info.val_rows = len(val_ds)
+    for split in ("train", "validation"):
+        if info.skipped[split]:
+            source = info.train_source if split == "train" else info.validation_source
+            log.warning("%s: skipped %d invalid %s rows (skip_invalid=true)", source, info.skipped[split], split)
+        if info.truncated[split]:
+            log.warning("truncated %d %s examples to max_length=%d", info.truncated[split], split, cfg.max_length)
+    log.info(
+        "data: %d train examples (%d rows, %d tokens), %d validation examples",
+        info.train_examples, info.train_rows, info.train_tokens, info.val_examples,
+    )
     return train_ds, val_ds, info
