@@ -35,7 +35,8 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
       - "none": full fine-tuning; every parameter trains, the model is returned as it is.
       - "lora": LoRA with `r`, `alpha`, `dropout` on `target_modules` (HF names; default: all seven
         linear layers). The base is frozen; for `task="classification"` the `score` head trains
-        in full and is saved with the adapter.
+        in full and is saved with the adapter, as do the modules named in `modules_to_save`
+        (peft matches name suffixes: "norm" is every RMSNorm, "lm_head" the output layer).
     Raises ValueError naming the key for a bad method, rank or target list.
     """
     method = str(cfg.get("method", "lora"))
@@ -55,6 +56,10 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
         raise ValueError(f"peft.r: the LoRA rank must be >= 1, got {r}")
     targets = list(cfg.get("target_modules") or DEFAULT_TARGET_MODULES)
     _check_targets(model, targets)
+    to_save = list(cfg.get("modules_to_save") or [])
+    if task == "classification" and "score" not in to_save:
+        to_save.append("score")
+    _check_to_save(model, to_save)
     lora = LoraConfig(
         r=r,
         lora_alpha=float(cfg.get("alpha", 2 * r)),
@@ -62,7 +67,7 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
         target_modules=targets,
         bias="none",
         task_type=TASK_TYPES[task],
-        modules_to_save=["score"] if task == "classification" else None,
+        modules_to_save=to_save or None,
     )
     return get_peft_model(model, lora)
 
@@ -76,6 +81,15 @@ def _check_targets(model: nn.Module, targets: Sequence[str]) -> None:
             f"peft.target_modules: {missing} match no linear layer of the model; "
             f"valid names: {sorted(linear_names - {'lm_head', 'score'})}"
         )
+
+
+def _check_to_save(model: nn.Module, names: Sequence[str]) -> None:
+    """peft silently ignores a modules_to_save name that matches nothing; we do not."""
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [n for n in names if not any(m == n or m.endswith("." + n) or m.endswith(n) for m in module_names)]
+    if missing:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in module_names if m and not m.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(f"peft.modules_to_save: {missing} match no module of the model; module names: {leaves}")
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:

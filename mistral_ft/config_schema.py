@@ -41,6 +41,7 @@ class PeftSchema:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = dataclasses.field(default_factory=list)
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
