@@ -36,6 +36,12 @@ def tok() -> MistralTokenizer:
     return MistralTokenizer.from_pretrained(None)
 
 
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Keep the arrow caches `datasets` writes for each tmp file out of ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_datasets_cache")
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
