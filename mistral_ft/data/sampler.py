@@ -113,19 +113,20 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position within an epoch survives a checkpoint (see the module docstring).
 
-    Must be built with a `ResumableSampler` as `sampler`.
+    Build it with a `ResumableSampler` as `sampler`. With any other sampler (Lightning swaps in a
+    sequential one for `overfit_batches`) it is a plain DataLoader and saves an empty state.
     """
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("ResumableDataLoader needs sampler=ResumableSampler(...)")
         self._yielded = 0  # samples of this rank handed out in the current epoch
         self._epoch_of_count = 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not isinstance(sampler, ResumableSampler):
+            yield from super().__iter__()
+            return
         start = sampler._skip[1] if sampler._skip is not None and sampler._skip[0] == sampler.epoch else 0
         self._epoch_of_count = sampler.epoch
         self._yielded = start
@@ -136,7 +137,8 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         """Position in the epoch; saved by Lightning inside the checkpoint's loop state."""
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not isinstance(sampler, ResumableSampler):
+            return {}
         return {
             "epoch": self._epoch_of_count,
             "samples": self._yielded,
@@ -148,7 +150,8 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume after the samples already consumed in `state["epoch"]`."""
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not state or not isinstance(sampler, ResumableSampler):
+            return
         expected = {"seed": sampler.seed, "dataset_len": len(sampler.dataset), "num_replicas": sampler.num_replicas}  # type: ignore[arg-type]
         for key, value in expected.items():
             if state.get(key) != value:
