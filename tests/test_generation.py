@@ -227,6 +227,10 @@ def test_bad_arguments_are_clear_errors():
         out = model.generate(ids, max_new_tokens=30, eos_token_id=[])
     assert out.shape == (1, 16)
     assert model.generate(ids, max_length=6, eos_token_id=[]).shape == (1, 6)  # transformers' max_length
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=2, eos_token_id=torch.tensor([2])),
+                       model.generate(ids, max_new_tokens=2))  # transformers' spellings
+    with pytest.raises(TypeError, match="return_tensors='pt'"):
+        model.generate([[5, 6, 7]], max_new_tokens=1)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -364,5 +368,10 @@ def test_cli_clear_errors(tiny_folder, tmp_path, capsys):
 
     assert main(["--run", str(tmp_path), "--prompt", "x"]) == 2
     assert "no model/ or adapter/ folder" in capsys.readouterr().err
+    import shutil  # a full fine-tuning run: model/ is a complete HF folder
+
+    shutil.copytree(tiny_folder, tmp_path / "model")
+    assert main(["--run", str(tmp_path), "--prompt", "ok", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ok")
     with pytest.raises(ValueError, match="at most 64"):
         main(["--model", str(tiny_folder), "--prompt", long_prompt, "--debug"])

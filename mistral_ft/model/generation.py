@@ -160,10 +160,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     if kwargs.pop("num_beams", 1) != 1:
         raise ValueError("generate: beam search is not supported (num_beams must be 1)")
     kwargs.pop("use_model_defaults", None)
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
     if kwargs:
         raise TypeError(f"generate: unexpected argument(s) {sorted(kwargs)}")
-    if input_ids is None:
-        raise ValueError("generate: input_ids is required (a (batch, length) tensor of token ids)")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"generate: input_ids must be a (batch, length) tensor of token ids, got "
+                        f"{type(input_ids).__name__} (tokenize with return_tensors='pt')")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -172,6 +175,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     config = model.config
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
