@@ -128,6 +128,9 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_path: Path) -> No
                 raise GenerateError(f"--adapter {adapter} was trained on base {base} ({where}: "
                                     f"base_model_name_or_path), which differs from --model {model_path}: "
                                     + "; ".join(diff))
+    if base and Path(base).name != model_path.name and Path(base).expanduser().resolve() != model_path.resolve():
+        # same shapes, other name: maybe a copy, maybe another fine-tune of the same architecture; say so
+        print(f"note: {where} names base {base!r}; applying it to {model_path}", file=sys.stderr)
     weights = adapter / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise GenerateError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS} (mistral_ft loads safetensors adapters only)")
