@@ -224,7 +224,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
             step = model.prepare_inputs_for_generation(sequences, past_key_values=cache, attention_mask=mask)
         else:
             step = {"input_ids": sequences, "attention_mask": mask,
-                    "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+                    "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False, "logits_to_keep": 1}
         out = model(**step, return_dict=True)
         logits = out.logits[:, -1, :]  # (B, V)
         if cache is not None and window is not None and cache.num_slots > window:  # host metadata, no sync

@@ -353,6 +353,7 @@ class MistralPreTrainedModel(nn.Module):
 
     config_class = MistralConfig
     base_model_prefix = "model"
+    generation_config = None  # peft's generate wrapper reads and writes this attribute
     supports_gradient_checkpointing = True
     _no_split_modules = ["MistralDecoderLayer"]
 
@@ -379,7 +380,8 @@ class MistralPreTrainedModel(nn.Module):
             nn.init.ones_(module.weight)
 
     def post_init(self) -> None:
-        self.apply(self._init_weights)
+        if not next(self.parameters()).is_meta:  # a model built on meta is about to be loaded: nothing to init
+            self.apply(self._init_weights)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -442,7 +444,10 @@ class MistralModel(MistralPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # _weight skips nn.Embedding's own init: post_init does it, and normal_ on the meta device (what
+        # from_pretrained builds on) costs a one-time ~3 s import of torch._dynamo.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MistralRotaryEmbedding(config)
@@ -591,22 +596,26 @@ class MistralForCausalLM(MistralPreTrainedModel):
                 use_cache: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 document_ids: torch.Tensor | None = None, loss_reduction: str = "mean",
-                loss_chunk_size: int | None = None, return_logits: bool = True, **kwargs: Any,
-                ) -> CausalLMOutputWithPast | tuple:
+                loss_chunk_size: int | None = None, return_logits: bool = True, logits_to_keep: int = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
         """Besides the HF arguments: ``document_ids`` (packed rows), ``loss_reduction`` ("mean" | "sum"),
         ``loss_chunk_size`` (compute the loss ``loss_chunk_size`` tokens at a time, see
         :func:`chunked_causal_lm_loss`) and ``return_logits=False`` (skip the full logits when only the loss
-        is needed: with chunking, training never materialises (B, T, V))."""
+        is needed: with chunking, training never materialises (B, T, V)). ``logits_to_keep=N`` (as in
+        transformers) returns logits for the last N positions only: a prefill needs just the last one."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, True, document_ids)
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None and loss_chunk_size:
             loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, loss_chunk_size, loss_reduction)
-        if return_logits or loss is None and labels is not None:
-            logits = self.lm_head(hidden)  # (B, T, V)
         if labels is not None and loss is None:
+            logits = self.lm_head(hidden)  # (B, T, V)
             loss = causal_lm_loss(logits, labels, loss_reduction)
+            if logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
+        elif return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T|N, V)
         res = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return res if return_dict is not False else res.to_tuple()
 
@@ -619,7 +628,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                "past_key_values": past_key_values, "use_cache": True}
+                "past_key_values": past_key_values, "use_cache": True, "logits_to_keep": 1}
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Greedy or sampled decoding with the KV cache; see :func:`mistral_ft.model.generation.generate`."""

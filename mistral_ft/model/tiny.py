@@ -26,6 +26,7 @@ TINY_CONFIG = dict(
     rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.02,
 )
 TINY_SEED = 1234
+TINY_VERSION = 2  # bump when the weights a seed produces change (init order), so stale caches are not reused
 
 
 def cache_root() -> Path:
@@ -51,7 +52,7 @@ def build_tiny(folder: str | os.PathLike, seed: int = TINY_SEED, overrides: dict
 
 def tiny_model_path(seed: int = TINY_SEED, overrides: dict | None = None) -> Path:
     """The cached tiny model folder, built on first use (atomically: concurrent test workers are safe)."""
-    key = hashlib.sha256(json.dumps([TINY_CONFIG, overrides or {}, seed], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([TINY_CONFIG, overrides or {}, seed, TINY_VERSION], sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"tiny-{key}"
     if (folder / "config.json").is_file():
         return folder
