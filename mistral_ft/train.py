@@ -122,7 +122,7 @@ def _main(args: list[str]) -> int:
             raise ConfigError(f"unknown flag {a!r}\n{USAGE.format(recipes=', '.join(available('recipe')), env=DEBUG_ENV)}")
         else:
             overrides.append(a)
-    overrides = _resume_overrides(overrides)
+    overrides = _trainer_overrides(_resume_overrides(overrides))
 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import initialize_config_dir
@@ -143,11 +143,41 @@ def _main(args: list[str]) -> int:
                 _refuse_multiprocess_sweep(cfg)
         if print_cfg:
             return 0
-        if multirun:
+        if multirun:  # a failing point stops the sweep (Hydra re-raises it)
             hydra.multirun(config_name=CONFIG_NAME, task_function=_task, overrides=overrides)
-        else:
-            hydra.run(config_name=CONFIG_NAME, task_function=_task, overrides=overrides)
+            return 0
+        failure: list[BaseException] = []
+
+        def task(cfg: Any) -> Any:
+            try:
+                return _task(cfg)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after Hydra's bookkeeping
+                failure.append(err)
+                return None
+
+        # Hydra prints "Error executing job with overrides" for a failed job; we report it ourselves.
+        hydra.run(config_name=CONFIG_NAME, task_function=task, overrides=overrides)
+        if failure:
+            raise failure[0]
     return 0
+
+
+def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """The validated config that `main(overrides)` would train with, as a plain dict (no run).
+
+    For tests and tools: every recipe / group option can be checked without starting anything.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import initialize_config_dir
+
+    overrides = _trainer_overrides(_resume_overrides(list(overrides)))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="train"):
+        hydra = GlobalHydra.instance().hydra
+        cfg = _compose(hydra, overrides)
+        plain = _to_plain(cfg)
+        plain["_choices"] = dict(cfg.hydra.runtime.choices)
+        return plain
 
 
 def _task(cfg: Any) -> dict[str, Any]:
@@ -168,7 +198,8 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
     try:
         cfg = hydra.compose_config(CONFIG_NAME, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
     except MissingConfigException as err:
-        raise ConfigError(_hydra_text(err)) from None
+        text = _hydra_text(err).split("\nConfig search path", 1)[0]
+        raise ConfigError(text.replace("\n\t", " ").replace("\n", "; ")) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse the command line: {_hydra_text(err)}") from None
     except ConfigCompositionException as err:
@@ -176,6 +207,8 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
     choices = dict(cfg.hydra.runtime.choices)
     plain = _to_plain(cfg)
     validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
+    if plain["model"].get("path"):
+        resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
     return cfg
 
 
@@ -264,6 +297,27 @@ def _refuse_multiprocess_sweep(cfg: Any) -> None:
             "other processes by replaying the command line, so every process would run the whole sweep. "
             "Run the sweep points one by one (e.g. a shell loop or a SLURM array), or sweep with strategy=auto."
         )
+
+
+def _trainer_overrides(overrides: list[str]) -> list[str]:
+    """`trainer.X=V` for any Lightning Trainer argument X, even one the trainer group does not list.
+
+    Hydra refuses new keys without a `+`; users should not need to know which Trainer arguments our
+    YAML happens to spell out, so those become `++trainer.X=V` (add or override). Other keys are left
+    alone, so a typo still fails (with the valid keys listed).
+    """
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if sep and key.startswith("trainer.") and key.count(".") == 1 and key.split(".", 1)[1] in valid:
+            ov = f"++{key}={value}"
+        out.append(ov)
+    return out
 
 
 def _override_value(overrides: Sequence[str], key: str) -> Optional[str]:
@@ -425,13 +479,14 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     trainer = build_trainer(c, run_dir, precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
 
-    # a final validation unless the last one was at the final step
-    if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    # the final checkpoint first: a validate() run would drop the fit loop's data position from it
     last = ckpt_dir / "last.ckpt"
     final = ckpt_dir / f"step-{trainer.global_step:06d}.ckpt"
     if not final.is_file():
         trainer.save_checkpoint(final)
+    # a final validation unless the last one was at the final step
+    if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     tokens = module.total_tokens_seen()
     if not trainer.is_global_zero:
         return {}

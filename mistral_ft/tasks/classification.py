@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from mistral_ft.tasks.base import IGNORE_INDEX, FineTuneTask
+from mistral_ft.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -115,7 +115,7 @@ class ClassificationTask(FineTuneTask):
         """The head's rows mean labels: resuming with another label order would silently scramble them."""
         saved = {int(k): str(v) for k, v in checkpoint.get("mistral_ft", {}).get("id2label", {}).items()}
         if saved and saved != self.id2label:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"label mapping changed since the checkpoint: checkpoint {saved}, this run {self.id2label} "
                 "(set data.labels to the checkpoint's order)"
             )
