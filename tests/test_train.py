@@ -252,11 +252,19 @@ def test_prompt_tokens_carry_minus_100():
         real = int(mask.sum())
         targets = (labels != -100).nonzero().flatten().tolist()
         assert targets, "every chat has an answer"
-        first = targets[0]
-        prompt = tok.decode(ids[:first].tolist())
-        assert prompt.startswith("<s>") and "[INST]" in prompt and prompt.rstrip().endswith("[/INST]")
-        assert targets == list(range(first, real))  # one answer up to the end of the row
-        assert labels[real - 1] == tok.eos_token_id  # the answer's EOS is a target
+        spans = []  # contiguous runs of targets: one per assistant answer
+        for t in targets:
+            if spans and t == spans[-1][-1] + 1:
+                spans[-1].append(t)
+            else:
+                spans.append([t])
+        assert tok.decode(ids[: spans[0][0]].tolist()).startswith("<s>")
+        for span in spans:
+            # everything before an answer up to "[/INST]" is prompt (label -100) ...
+            assert tok.decode(ids[: span[0]].tolist()).rstrip().endswith("[/INST]")
+            # ... and each answer ends with its EOS, which is a target
+            assert labels[span[-1]] == tok.eos_token_id
+        assert spans[-1][-1] == real - 1
         assert (labels[targets] == ids[targets]).all() and (labels[real:] == -100).all()
 
 
