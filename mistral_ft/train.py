@@ -596,7 +596,11 @@ def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: A
     """adapter/ (peft: adapter_config.json + adapter_model.safetensors, `score` included for
     classification) or model/ (full fine-tuning: HF folder), each with the tokenizer."""
     folder = run_dir / ("model" if c["peft"]["method"] == "none" else "adapter")
-    model.save_pretrained(str(folder))
+    if c["peft"]["method"] == "none":
+        model.save_pretrained(str(folder))
+    else:
+        # LoRA on lm_head would otherwise make peft copy the whole (frozen) output layer into the adapter
+        model.save_pretrained(str(folder), save_embedding_layers=False)
     tokenizer.save_pretrained(str(folder))
     return str(folder)
 

@@ -22,7 +22,7 @@ from mistral_ft.train import compose_config, main
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-INSTRUCT_STEPS = 30
+INSTRUCT_STEPS = 20
 CLASSIFY_STEPS = 40
 
 
