@@ -477,6 +477,20 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
             _write_yaml(run_dir / "overrides.yaml", [o for o in kept if strip_secrets({o.partition("=")[0]: 1})])
 
     trainer = build_trainer(c, run_dir, precision)
+    try:
+        return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
+                               choices=choices, trainable=trainable, total=total, t_wall=t_wall)
+    finally:
+        if c["logger"]["name"] == "wandb":  # or the next run of a -m sweep would log into this W&B run
+            import wandb
+
+            wandb.finish()
+
+
+def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, Any], run_dir: Path,
+                    resume_ckpt: Any, tokenizer: Any, info: Any, *, choices: Optional[Mapping[str, Any]],
+                    trainable: int, total: int, t_wall: float) -> dict[str, Any]:
+    ckpt_dir = run_dir / "checkpoints"
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
 
     # the final checkpoint first: a validate() run would drop the fit loop's data position from it

@@ -270,14 +270,16 @@ def test_prompt_tokens_carry_minus_100():
 
 # ---- multirun -----------------------------------------------------------------------------------
 def test_multirun_two_point_sweep(tmp_path):
+    """Two runs in one process, one per logger; each gets its own folder under the sweep dir."""
     sweep = tmp_path / "sweep"
     rc = main(["-m", "recipe=classify", "model=tiny", "trainer.max_steps=2", "trainer.limit_val_batches=1",
-               "checkpoint.save_adapter=false", "optimizer.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}", *QUIET])
+               "checkpoint.save_adapter=false", "logger=csv,tensorboard", f"hydra.sweep.dir={sweep}", *QUIET])
     assert rc == 0
-    lrs = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["global_step"] == 2
-                 and float(__import__("yaml").safe_load((sweep / str(i) / "config.yaml").read_text())["optimizer"]["lr"])
-                 for i in (0, 1))
-    assert lrs == [1e-3, 2e-3]
+    csv_run, tb_run = sweep / "0", sweep / "1"
+    assert _summary(csv_run)["global_step"] == 2 and _summary(tb_run)["global_step"] == 2
+    assert (csv_run / "logs" / "version_0" / "metrics.csv").is_file()
+    assert list((tb_run / "logs").rglob("events.out.tfevents.*"))
+    assert "name: tensorboard" in (tb_run / "config.yaml").read_text()
 
 
 # ---- the wheel ----------------------------------------------------------------------------------
@@ -318,3 +320,63 @@ def test_wheel_install_runs_a_recipe_from_elsewhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _summary(run)["global_step"] == 2
     print(f"wheel build + install + run: {time.perf_counter() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """strategy=ddp on 2 CPU processes (gloo): Lightning replays the command line for rank 1."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_ft.train", "recipe=classify", "model=tiny", "strategy=ddp",
+         "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.limit_val_batches=1",
+         f"hydra.run.dir={run}", *QUIET], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _summary(run)
+    assert s["world_size"] == 2 and s["global_step"] == 3
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---- small pieces -------------------------------------------------------------------------------
+def test_lr_schedule_shapes():
+    from mistral_ft.tasks import lr_factor
+
+    cos = [lr_factor(s, warmup_steps=4, total_steps=20, kind="cosine", min_lr_ratio=0.1) for s in range(21)]
+    assert cos[0] == pytest.approx(0.25) and cos[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cos[3:], cos[4:])) and cos[20] == pytest.approx(0.1)
+    const = [lr_factor(s, warmup_steps=0, total_steps=20, kind="constant", min_lr_ratio=0.1) for s in range(21)]
+    assert const == [1.0] * 21
+
+
+def test_classification_losses_match_transformers_rules():
+    import torch.nn.functional as F
+
+    from mistral_ft.tasks import classification_loss_sum
+
+    logits = torch.randn(4, 3)
+    labels = torch.tensor([0, 2, -100, 1])
+    loss, n = classification_loss_sum(logits, labels, "single_label_classification")
+    assert n == 3 and torch.allclose(loss / n, F.cross_entropy(logits, labels, ignore_index=-100))
+    multi = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]]).float()
+    loss, n = classification_loss_sum(logits, multi, "multi_label_classification")
+    assert n == 4 and torch.allclose(loss / n, F.binary_cross_entropy_with_logits(logits, multi))
+    reg_logits, target = torch.randn(4, 1), torch.randn(4)
+    loss, n = classification_loss_sum(reg_logits, target, "regression")
+    assert n == 4 and torch.allclose(loss / n, F.mse_loss(reg_logits.squeeze(-1), target))
+
+
+def test_apply_peft_targets_and_head():
+    from mistral_ft.adapters import apply_peft
+    from mistral_ft.model import MistralConfig, MistralForSequenceClassification
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, num_labels=3)
+    model = apply_peft(MistralForSequenceClassification(cfg), {"method": "lora", "r": 4, "alpha": 8}, "classification")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for layer in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(layer in n and "lora_A" in n for n in trainable), layer
+    assert any("score.modules_to_save" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    with pytest.raises(ValueError, match="q_projj"):
+        apply_peft(MistralForSequenceClassification(cfg), {"method": "lora", "target_modules": ["q_projj"]}, "classification")
+    full = apply_peft(MistralForSequenceClassification(cfg), {"method": "none"}, "classification")
+    assert all(p.requires_grad for p in full.parameters())
