@@ -209,6 +209,11 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
     validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
     if plain["model"].get("path"):
         resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
+    import torch
+
+    accelerator = str(plain["trainer"].get("accelerator", "auto"))
+    resolve_precision(plain["trainer"].get("precision", "auto"),
+                      torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
     return cfg
 
 
@@ -440,7 +445,10 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     from mistral_ft.data import MistralDataModule
     from mistral_ft.tokenizer import MistralTokenizer
 
-    model_path = resolve_model_path(c["model"])
+    from mistral_ft.model.weights import resolve_model_path as local_model_folder
+
+    # hub id -> local folder first (fetched once, or found in the hub cache): the tokenizer lives there too
+    model_path = str(local_model_folder(resolve_model_path(c["model"])))
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
     data_cfg = dict(c["data"])
     batch_size = int(data_cfg.pop("batch_size"))
@@ -458,6 +466,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
     model = apply_peft(model, c["peft"], task=task)
+    model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
              100.0 * trainable / max(1, total))
