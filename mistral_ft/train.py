@@ -291,12 +291,15 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
 
 
 def _refuse_multiprocess_sweep(cfg: Any) -> None:
-    """Lightning launches DDP children by replaying sys.argv: each child would re-run the whole sweep."""
+    """Lightning launches DDP children by replaying sys.argv: each child would re-run the whole sweep.
+
+    Any multi-device run is refused (strategy=auto on several devices is DDP as well).
+    """
     strategy = str(cfg.strategy.name)
     devices = cfg.trainer.get("devices", 1)
     multi = devices == -1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and devices not in ("1", "auto")) \
         or (not isinstance(devices, (int, str)) and len(devices) > 1)
-    if strategy != "auto" and multi:
+    if multi:  # strategy=auto with several devices is DDP too
         raise ConfigError(
             f"a -m sweep cannot use strategy={strategy} with trainer.devices={devices}: Lightning starts the "
             "other processes by replaying the command line, so every process would run the whole sweep. "
@@ -505,7 +508,10 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     # the final checkpoint first: a validate() run would drop the fit loop's data position from it
     last = ckpt_dir / "last.ckpt"
     final = ckpt_dir / f"step-{trainer.global_step:06d}.ckpt"
-    if not final.is_file():
+    # Decide from trainer state, not from the file system: every rank must take the same branch,
+    # because save_checkpoint ends in a barrier (rank 0 may already have written the file).
+    # ModelCheckpoint wrote step-N.ckpt itself when N is a multiple of every_n_train_steps.
+    if trainer.global_step % int(c["checkpoint"]["every_n_train_steps"]) != 0 or not trainer.global_step:
         trainer.save_checkpoint(final)
     # a final validation unless the last one was at the final step
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
