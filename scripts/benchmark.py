@@ -18,7 +18,7 @@ What is compared (docs/benchmarks.md has the measured tables):
   with ``num_items_in_batch`` (transformers' token-weighted loss across micro-batches).
 
 Why it is fair: both systems start from the same weights (ours built from a seed, ``save_pretrained``, loaded by
-transformers), get the same LoRA initialisation (same seed right before ``get_peft_model``; peft visits the
+transformers; for mistral-7b, one seeded init over the sorted HF parameter names in each process), get the same LoRA initialisation (same seed right before ``get_peft_model``; peft visits the
 modules in the same order), and every optimizer step consumes *exactly the same examples*, hence the same useful
 tokens and the same gradient. The per-step losses of the two systems therefore agree (reported as a check: a
 difference means the comparison is broken, not that one is faster).
@@ -69,7 +69,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cpu-small": dict(
         model=dict(vocab_size=32000, hidden_size=256, intermediate_size=896, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=4096),
-        seq_len=512, micro_batch=4, steps=24, warmup=2, steps_per_round=4, loss_chunk_size=1024,
+        seq_len=512, micro_batch=4, steps=12, warmup=1, steps_per_round=3, loss_chunk_size=1024,
         gen_batch=1, gen_prompt_len=256, gen_new_tokens=64, gen_repeats=3, median_len=96, grad_ckpt=False),
     "mistral-7b": dict(  # Mistral-7B-v0.1 shapes (MistralConfig defaults), random weights built on the GPU
         model=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -266,6 +266,14 @@ class Worker:
                         model = transformers.MistralForCausalLM(cfg)
             finally:
                 torch.set_default_dtype(default)
+            # Same weights on both sides without a checkpoint on disk: one init by (sorted) HF parameter names.
+            torch.manual_seed(spec["seed"])
+            with torch.no_grad():
+                for name, p in sorted(model.named_parameters()):
+                    if name.endswith("norm.weight"):
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, spec["model"]["initializer_range"])
         if not lora:
             return model.eval()
         torch.manual_seed(spec["seed"] + 1)  # same LoRA A matrices on both sides (same module order)
