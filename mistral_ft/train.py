@@ -85,19 +85,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BaseException as err:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if isinstance(err, SystemExit):
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if debug:
             raise
         user = _user_message(err)
-        if debug or user is None:
-            if user is None and not debug:
-                log.exception("training failed")
-                print(f"error: training failed: {type(err).__name__}: {err}\n(set debug=true or "
-                      f"{DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
-                return 1
-            raise
-        print(f"error: {user}", file=sys.stderr)
-        return 2
+        if user is not None:  # bad input: one paragraph, no traceback
+            print(f"error: {user}", file=sys.stderr)
+            return 2
+        # a bug: keep the traceback (console and train.log)
+        log.exception("training failed")
+        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 def _debug_requested(args: Sequence[str]) -> bool:
