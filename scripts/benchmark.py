@@ -69,7 +69,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cpu-small": dict(
         model=dict(vocab_size=32000, hidden_size=256, intermediate_size=896, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=4096),
-        seq_len=512, micro_batch=4, steps=12, warmup=1, steps_per_round=3, loss_chunk_size=1024,
+        seq_len=512, micro_batch=4, steps=12, warmup=1, steps_per_round=1, loss_chunk_size=1024,
         gen_batch=1, gen_prompt_len=256, gen_new_tokens=64, gen_repeats=3, median_len=96, grad_ckpt=False),
     "mistral-7b": dict(  # Mistral-7B-v0.1 shapes (MistralConfig defaults), random weights built on the GPU
         model=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
