@@ -164,3 +164,14 @@ def test_strip_secrets():
            "data": {"max_length": 3, "train_tokens": 10, "tokenizer": None}, "hf_token": "t"}
     out = strip_secrets(cfg)
     assert out == {"logger": {"name": "wandb"}, "db": {}, "data": {"max_length": 3, "train_tokens": 10, "tokenizer": None}}
+
+
+def test_any_trainer_argument_is_accepted_without_plus(capsys):
+    cfg = compose_config(["recipe=classify", "trainer.enable_model_summary=false", "trainer.max_time=00:00:10:00"])
+    assert cfg["trainer"]["enable_model_summary"] is False and cfg["trainer"]["max_time"] == "00:00:10:00"
+
+
+def test_help_lists_recipes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe=NAME" in out and "instruct_lora" in out and "classify" in out
