@@ -314,3 +314,24 @@ def test_flex_attention_forward_matches_sdpa():
         m.config.attn_implementation = "flex_attention"
         got = m(x, attention_mask=mask, position_ids=pos, document_ids=doc).logits
     assert (got - ref)[mask.bool()].abs().max() < 1e-5
+
+
+def test_chunked_loss_with_wrapped_or_frozen_head_and_no_targets():
+    import peft
+
+    m = make_ours(MistralForCausalLM)
+    x = _ids(2, 10)
+    labels = x.clone()
+    labels[:, :6] = -100
+    ref = m(x, labels=labels).loss
+    # peft wraps lm_head (modules_to_save): the checkpointed-chunk path
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    out = pm(input_ids=x, labels=labels, loss_chunk_size=3, return_logits=False)
+    assert abs(out.loss.item() - ref.item()) < 1e-5
+    out.loss.backward()
+    head = pm.base_model.model.lm_head.modules_to_save["default"].weight
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    # every target masked: NaN like transformers' mean, 0 as a sum
+    none = torch.full_like(x, -100)
+    assert torch.isnan(m(x, labels=none, loss_chunk_size=4).loss)
+    assert m(x, labels=none, loss_chunk_size=4, loss_reduction="sum").loss.item() == 0.0

@@ -552,29 +552,79 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T`` whose gradients are computed chunk by chunk in the forward.
+
+    Per chunk: fp32 logits, loss += logsumexp - logit[target], and with p = softmax - onehot (zero on ignored
+    rows): grad_h = p @ W, grad_W += p^T @ h. Only grad_h (N x D) and grad_W (when the head trains) are kept
+    for backward, so the head runs twice per token (never a third time for a recompute) and at most one
+    chunk of (chunk, V) logits exists at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (hc @ weight.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != -100
+            tgt = tc.clamp(min=0)[:, None]
+            total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=p.dtype))
+                p.mul_(valid[:, None])
+                if need_h:
+                    grad_h[start:start + chunk_size] = (p.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    grad_w += p.T @ hc.float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+
+
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
                            reduction: str = "mean") -> torch.Tensor:
     """The same loss as :func:`causal_lm_loss`, without ever holding fp32 logits for the whole batch.
 
-    Tokens are processed ``chunk_size`` at a time; each chunk's logits are recomputed in backward (activation
-    checkpointing), so the peak is one chunk of (chunk_size, V) logits instead of (B*T, V): for Mistral-7B at
-    4 x 4096 tokens that is 2 GiB of fp32 logits (plus as much for their gradient) avoided. Called inside the
-    model's forward, so FSDP's hooks have gathered ``lm_head`` when it runs.
+    * Only target positions reach the head (on CPU, where selecting them costs no device sync): prompt and
+      padding tokens get no logits at all. On CUDA all positions go through (selection would sync).
+    * A plain ``nn.Linear`` head uses :class:`_LinearCrossEntropy` (gradients computed in the forward, one
+      chunk of logits at a time). A head wrapped by peft (LoRA on lm_head, modules_to_save) goes through
+      checkpointed chunks instead: the wrapper's own forward runs, recomputed in backward.
+    For Mistral-7B at 4 x 4096 tokens this avoids 2 GiB of fp32 logits plus as much for their gradient.
+    Called inside the model's forward, so FSDP's hooks have gathered ``lm_head`` when it runs.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
     targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
+    count = (targets != -100).sum()
+    if h.device.type == "cpu":
+        keep = (targets != -100).nonzero().squeeze(-1)
+        h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        total = _LinearCrossEntropy.apply(h, lm_head.weight, targets, chunk_size)
+    else:
+        def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(lm_head(h_chunk).float(), t_chunk, ignore_index=-100, reduction="sum")
 
-    def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h_chunk).float(), t_chunk, ignore_index=-100, reduction="sum")
-
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_size):
-        hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
-        total = total + (checkpoint(chunk_loss, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(hc, tc))
-    return total if reduction == "sum" else total / (targets != -100).sum()
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            total = total + (checkpoint(chunk_loss, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
+                             else chunk_loss(hc, tc))
+    return total if reduction == "sum" else total / count
 
 
 class MistralForCausalLM(MistralPreTrainedModel):
