@@ -23,10 +23,10 @@ RECIPE_DATA = {"instruct_lora": ("instruct_tiny", "jsonl"), "classify": ("classi
 
 
 def test_recipes_and_groups_exist():
-    assert set(available("recipe")) >= {"instruct_lora", "classify"}
+    assert set(available("recipe")) >= {"instruct_lora", "classify", "instruct_qlora", "full_finetune"}
     assert set(available("model")) >= {"tiny", "mistral_7b", "mistral_7b_instruct"}
     assert set(available("data")) >= {"instruct_tiny", "classify_tiny", "jsonl"}
-    assert set(available("peft")) == {"lora", "none"}
+    assert set(available("peft")) == {"lora", "dora", "qlora", "none"}
     assert set(available("scheduler")) == {"cosine", "constant"}
     assert set(available("strategy")) == {"auto", "ddp"}
     assert set(available("logger")) == {"csv", "wandb", "tensorboard"}
@@ -102,7 +102,7 @@ def _run(capsys, *argv):
         (["recipe=classify", "trainer.max_stepz=3"], ["trainer.max_stepz", "max_steps"]),
         (["recipe=classify", "+trainer.max_stepz=3"], ["trainer.max_stepz", "did you mean 'max_steps'"]),
         (["recipe=classify", "+trainer.logger=false"], ["trainer.logger", "set by mistral_ft"]),
-        (["recipe=classify", "peft.method=qlora"], ["peft.method", "'qlora'", "lora"]),
+        (["recipe=classify", "peft.method=qlorra"], ["peft.method", "'qlorra'", "qlora"]),
         (["recipe=nope"], ["recipe/nope", "classify", "instruct_lora"]),
         (["recipe=classify", "model=llama"], ["model/llama", "mistral_7b", "tiny"]),
         (["model=tiny"], ["no recipe given", "instruct_lora"]),
