@@ -230,8 +230,8 @@ def _msg(dotted: str, problem: str, sources: Sources) -> str:
 
 def _unknown(dotted: str, key: str, valid: Sequence[str], sources: Sources) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return _msg(dotted, f"unknown key{hint} Valid keys here: {', '.join(sorted(valid))}", sources)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return _msg(dotted, f"unknown key{hint}. Valid keys here: {', '.join(sorted(valid))}", sources)
 
 
 def _check_dataclass(schema: type, node: Any, prefix: str, errors: list[str], sources: Sources) -> None:
