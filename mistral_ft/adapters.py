@@ -24,11 +24,11 @@ from torch import nn
 # All seven linear layers of a Mistral decoder layer (HF names): QLoRA's finding that adapting
 # every linear layer is what closes the gap to full fine-tuning (Dettmers et al. 2023, sec. 4).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_METHODS = ("lora", "none")
+PEFT_METHODS = ("lora", "dora", "qlora", "none")
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
-def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm") -> nn.Module:
+def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm", device: Any = None) -> nn.Module:
     """Return `model` ready for training as `cfg` (the `peft:` config group) says.
 
     `cfg["method"]`:
@@ -37,6 +37,9 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
         linear layers). The base is frozen; for `task="classification"` the `score` head trains
         in full and is saved with the adapter, as do the modules named in `modules_to_save`
         (peft matches name suffixes: "norm" is every RMSNorm, "lm_head" the output layer).
+      - "dora": LoRA with peft's `use_dora=True` (Liu et al. 2024): a trained magnitude per output row.
+      - "qlora": the decoder's linear layers become frozen NF4 `Linear4bit` (mistral_ft.quantize, on
+        `device`), then LoRA as above (`use_dora: true` gives QDoRA).
     Raises ValueError naming the key for a bad method, rank or target list.
     """
     method = str(cfg.get("method", "lora"))
@@ -60,6 +63,11 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
     if task == "classification" and "score" not in to_save:
         to_save.append("score")
     _check_to_save(model, to_save)
+    if method == "qlora":
+        from mistral_ft.quantize import quantize_4bit
+
+        quantize_4bit(model, quant_type=str(cfg.get("quant_type", "nf4")), double_quant=bool(cfg.get("double_quant", True)),
+                      compute_dtype=str(cfg.get("compute_dtype", "auto")), device=device)
     lora = LoraConfig(
         r=r,
         lora_alpha=float(cfg.get("alpha", 2 * r)),
@@ -68,6 +76,7 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
         bias="none",
         task_type=TASK_TYPES[task],
         modules_to_save=to_save or None,
+        use_dora=method == "dora" or bool(cfg.get("use_dora", False)),
     )
     return get_peft_model(model, lora)
 

@@ -42,6 +42,10 @@ class PeftSchema:
     dropout: float = 0.0
     target_modules: list[str] = dataclasses.field(default_factory=list)
     modules_to_save: list[str] = dataclasses.field(default_factory=list)
+    use_dora: bool = False          # with method qlora: QDoRA (method dora sets it itself)
+    quant_type: str = "nf4"         # qlora: bitsandbytes 4-bit data type
+    double_quant: bool = True       # qlora: quantize the quantization scales too
+    compute_dtype: str = "auto"     # qlora: auto = bf16 on GPU, fp32 on CPU
 
 
 @dataclasses.dataclass
@@ -102,8 +106,10 @@ CHOICES = {
     "task": ("causal_lm", "classification"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "peft.method": ("lora", "none"),
-    "optimizer.name": ("adamw",),
+    "peft.method": ("lora", "dora", "qlora", "none"),
+    "peft.quant_type": ("nf4", "fp4"),
+    "peft.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "optimizer.name": ("adamw", "adamw8bit"),
     "scheduler.name": ("cosine", "constant"),
     "strategy.name": ("auto", "ddp"),
     "logger.name": ("csv", "wandb", "tensorboard"),
@@ -351,9 +357,9 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
         errors.append(_msg("optimizer.lr", f"must be > 0, got {cfg['optimizer']['lr']}", sources))
     if len(cfg["optimizer"]["betas"]) != 2:
         errors.append(_msg("optimizer.betas", f"expected two numbers, got {cfg['optimizer']['betas']}", sources))
-    if cfg["peft"]["method"] == "lora" and cfg["peft"]["r"] < 1:
+    if cfg["peft"]["method"] != "none" and cfg["peft"]["r"] < 1:
         errors.append(_msg("peft.r", f"the LoRA rank must be >= 1, got {cfg['peft']['r']}", sources))
-    if not 0.0 <= cfg["peft"]["dropout"] < 1.0:
+    if not 0.0 <= cfg["peft"].get("dropout", 0.0) < 1.0:
         errors.append(_msg("peft.dropout", f"must be in [0, 1), got {cfg['peft']['dropout']}", sources))
     if cfg["scheduler"]["warmup_steps"] < 0:
         errors.append(_msg("scheduler.warmup_steps", "must be >= 0", sources))

@@ -461,12 +461,13 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     assert info is not None
 
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
-    model = load_model(c, model_path, info, device)
+    # qlora: load on CPU and quantize layer by layer onto `device` (a bf16 7B never sits on the GPU whole)
+    model = load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
     if c["model"].get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
-    model = apply_peft(model, c["peft"], task=task)
+    model = apply_peft(model, c["peft"], task=task, device=device)
     model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
@@ -482,6 +483,9 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", strip_secrets(c))
+        from mistral_ft.merge import record_base
+
+        record_base(run_dir, model_path, c["model"])  # base_model.json: export refuses a moved or changed base
         if not resume_ckpt or not (run_dir / "overrides.yaml").is_file():
             kept = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra."))]
             _write_yaml(run_dir / "overrides.yaml", [o for o in kept if strip_secrets({o.partition("=")[0]: 1})])
