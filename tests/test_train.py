@@ -201,7 +201,8 @@ def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, tor
     return captured
 
 
-def test_token_weighted_loss_across_micro_batches():
+def _token_batches() -> tuple[list[dict], list[dict]]:
+    """Two micro-batches with 3 and 30 targets, and one right-padded batch holding both."""
     g = torch.Generator().manual_seed(1)
     short = torch.randint(3, 64, (1, 4), generator=g)  # 3 targets (label 0 is never a target: shift)
     long = torch.randint(3, 64, (1, 31), generator=g)  # 30 targets
@@ -213,8 +214,11 @@ def test_token_weighted_loss_across_micro_batches():
     both_ids[0, :4], both_ids[1] = short[0], long[0]
     mask = (torch.arange(31) < torch.tensor([[4], [31]])).long()
     labels = both_ids.masked_fill(mask == 0, -100)
-    one = [{"input_ids": both_ids, "attention_mask": mask, "labels": labels}]
+    return micro, [{"input_ids": both_ids, "attention_mask": mask, "labels": labels}]
 
+
+def test_token_weighted_loss_across_micro_batches():
+    micro, one = _token_batches()
     accumulated = _grads_after_one_step(micro, accumulate=2)
     single = _grads_after_one_step(one, accumulate=1)
     assert accumulated.keys() == single.keys() and len(single) > 5
@@ -380,3 +384,36 @@ def test_apply_peft_targets_and_head():
         apply_peft(MistralForSequenceClassification(cfg), {"method": "lora", "target_modules": ["q_projj"]}, "classification")
     full = apply_peft(MistralForSequenceClassification(cfg), {"method": "none"}, "classification")
     assert all(p.requires_grad for p in full.parameters())
+
+
+DDP_GRAD_SCRIPT = '''
+import sys, torch, lightning as L
+from torch.utils.data import DataLoader
+sys.path.insert(0, {tests!r})
+from test_train import TRAIN_CFG, _tiny_lm, _token_batches
+from mistral_ft.tasks import CausalLMTask
+
+micro, _ = _token_batches()
+class Capture(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            torch.save({{n: p.grad for n, p in pl_module.named_parameters()}}, {out!r})
+trainer = L.Trainer(max_steps=1, strategy="ddp", devices=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
+trainer.fit(CausalLMTask(_tiny_lm(), TRAIN_CFG), train_dataloaders=DataLoader(micro, batch_size=None))
+'''
+
+
+@pytest.mark.slow
+def test_token_weighted_loss_across_ddp_ranks(tmp_path):
+    """Rank 0 gets the 3-target batch, rank 1 the 30-target one: DDP's averaging must be undone."""
+    out = tmp_path / "grads.pt"
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_GRAD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    _, one = _token_batches()
+    single = _grads_after_one_step(one, accumulate=1)
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
