@@ -291,3 +291,21 @@ def test_new_recipes_target_7b_and_specialize_on_tiny():
     assert full["trainer"]["precision"] == "bf16-true"
     assert compose_config(["recipe=full_finetune", "model=tiny"])["trainer"]["precision"] == "auto"  # fp32 on CPU
     assert compose_config(["recipe=instruct_lora", "peft=dora"])["peft"]["method"] == "dora"
+
+
+def test_adamw8bit_tracks_adamw_on_cpu():
+    """bitsandbytes 0.50 runs AdamW8bit on CPU; its 8-bit moments give nearly fp32 AdamW's updates."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    w0 = torch.randn(256, 64)  # >= 4096 elements: bitsandbytes keeps smaller tensors' states in 32 bits
+    p1, p2 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    o1 = torch.optim.AdamW([p1], lr=1e-2, weight_decay=0.01)
+    o2 = bnb.optim.AdamW8bit([p2], lr=1e-2, weight_decay=0.01)
+    for _ in range(10):
+        g = torch.randn_like(w0)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    assert o2.state[p2]["state1"].dtype == torch.uint8
+    assert ((p1 - p2).norm() / (p1 - w0).norm()).item() < 0.05  # measured 0.013
