@@ -48,7 +48,7 @@ KEYS = {
     "debug": "true: show tracebacks (also env MISTRAL_FT_DEBUG=1)",
 }
 USAGE = "usage: python -m mistral_ft.export run_dir=RUN_OR_CKPT output_dir=FOLDER [key=value ...]\n" + "\n".join(
-    f"  {k:<11} {v}" for k, v in KEYS.items())
+    f"  {k:<15} {v}" for k, v in KEYS.items())
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 CHECK_TEXT = "Export self-check: the quick brown fox jumps over 13 lazy dogs.\n  def f(x): return x * 2  # ok"

@@ -186,6 +186,21 @@ def test_export_from_a_checkpoint_equals_export_from_the_run(runs, exported, tmp
     assert a.keys() == b.keys() and any("lora_magnitude_vector" in k for k in a)
 
 
+def test_sharded_bf16_export_loads_in_transformers(runs, exported, tmp_path, capsys):
+    import transformers
+
+    out = tmp_path / "sharded"
+    assert export_main([f"run_dir={runs['lora']}", f"output_dir={out}", "dtype=bfloat16", "max_shard_size=3MB"]) == 0
+    assert "self-check: max |logit difference|" in capsys.readouterr().out
+    index = json.loads((out / "merged" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3
+    assert json.loads((out / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ids = _ids()
+    bf16 = _logits(transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32), ids)
+    fp32 = _logits(transformers.AutoModelForCausalLM.from_pretrained(exported["lora"] / "merged", dtype=torch.float32), ids)
+    assert 0 < (bf16 - fp32).abs().max() < 3e-2 * max(1.0, fp32.abs().max().item())
+
+
 # ---- tokenizer and generation config --------------------------------------------------------------
 def test_auto_tokenizer_gives_our_ids_and_chat_template(exported):
     import transformers
