@@ -183,7 +183,7 @@ class FineTuneTask(L.LightningModule):
         groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         # adamw8bit: bitsandbytes' block-wise 8-bit Adam states (Dettmers et al. 2022), 2 bytes per
-        # parameter instead of 8; runs on CPU too with bitsandbytes >= 0.49 (checked with 0.50).
+        # parameter instead of 8; runs on CPU too (checked with bitsandbytes 0.50).
         adamw: Any = torch.optim.AdamW
         if opt_cfg["name"] == "adamw8bit":
             import bitsandbytes as bnb
