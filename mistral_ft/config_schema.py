@@ -131,10 +131,13 @@ class Sources:
     overrides: Sequence[str] = ()
 
     def files(self, dotted: str) -> list[Path]:
-        """Candidate files for `dotted`, most specific last wins -> searched recipe first."""
+        """Candidate files for `dotted`, the last applied first: specialization, recipe, group, primary."""
         out: list[Path] = []
         if self.conf_dir is None:
             return out
+        special = self.choices.get("specialize")  # applied after the recipe, so searched first
+        if special:
+            out.append(self.conf_dir / "specialize" / f"{special}.yaml")
         recipe = self.choices.get("recipe")
         if recipe:
             out.append(self.conf_dir / "recipe" / f"{recipe}.yaml")
@@ -150,7 +153,7 @@ class Sources:
         for ov in self.overrides:
             key = ov.lstrip("+~").split("=", 1)[0]
             if key == dotted:
-                return f"the command line ({ov})"
+                return f"the command line: {ov}"
         parts = dotted.split(".")
         for path in self.files(dotted):
             line = _find_key_line(path, parts)
@@ -174,8 +177,8 @@ def _find_key_line(path: Path, parts: list[str]) -> int:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return 0
-    group_file = path.parent.name == parts[0] and path.parent.parent.name != ""
-    wanted = parts[1:] if group_file and path.parent.name != "recipe" else parts
+    group_file = path.parent.name == parts[0]  # conf/optimizer/adamw.yaml holds optimizer.* unprefixed
+    wanted = parts[1:] if group_file else parts
     depth, indent_stack = 0, [-1]
     for i, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].rstrip()
@@ -231,7 +234,7 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
 
 def _msg(dotted: str, problem: str, sources: Sources) -> str:
     where = sources.locate(dotted)
-    return f"{dotted}: {problem}" + (f" (set in {where})" if where else "")
+    return f"{dotted}: {problem}" + (f" (from {where})" if where else "")
 
 
 def _unknown(dotted: str, key: str, valid: Sequence[str], sources: Sources) -> str:

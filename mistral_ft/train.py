@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.config_schema import ConfigError, Sources, strip_secrets, validate_config
+from mistral_ft.config_schema import DATA_LOADER_KEYS, ConfigError, Sources, strip_secrets, validate_config
 
 log = logging.getLogger("mistral_ft.train")
 
@@ -207,6 +207,10 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
     validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
     if plain["model"].get("path"):
         resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
+    from mistral_ft.data import DataConfig
+
+    # the data pipeline's own range checks (DataError), also before any run folder exists
+    DataConfig.from_mapping({k: v for k, v in plain["data"].items() if k not in DATA_LOADER_KEYS})
     import torch
 
     accelerator = str(plain["trainer"].get("accelerator", "auto"))
