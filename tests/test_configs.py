@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -109,7 +110,8 @@ def _run(capsys, *argv):
         (["recipe=classify", "data=instruct_tiny"], ["data.format", "does not fit task"]),
         (["recipe=classify", "data.max_length=1"], ["max_length", ">= 2"]),
         (["recipe=classify", "model.path=/no/such/folder"], ["model.path", "/no/such/folder", "does not exist"]),
-        (["recipe=classify", "model=tiny", "trainer.precision=16-mixed"], ["16-mixed", "CUDA"]),
+        pytest.param(["recipe=classify", "model=tiny", "trainer.precision=16-mixed"], ["16-mixed", "CUDA"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on CPU only")),
         (["recipe=instruct_lora", "data=jsonl"], ["data.train_file", "required"]),
         (["recipe=classify", "--bogus"], ["unknown flag"]),
         (["resume=/nonexistent/run"], ["resume=/nonexistent/run", "no such run folder"]),
