@@ -317,7 +317,12 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
         _generate(model, ids, args, generator, streamer)
         stdout.write("\n")
         stdout.flush()
-        messages.append({"role": "assistant", "content": tok.decode(streamer.tokens, skip_special_tokens=True)})
+        answer = tok.decode(streamer.tokens, skip_special_tokens=True)
+        if answer.strip():
+            messages.append({"role": "assistant", "content": answer})
+        else:  # the v1 format has no empty answers: forget this exchange rather than fail the next turn
+            messages.pop()
+            print("(empty answer: this exchange is not kept in the conversation)", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

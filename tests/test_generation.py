@@ -375,3 +375,23 @@ def test_cli_clear_errors(tiny_folder, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ok")
     with pytest.raises(ValueError, match="at most 64"):
         main(["--model", str(tiny_folder), "--prompt", long_prompt, "--debug"])
+
+
+def test_cli_chat_survives_an_empty_answer(tmp_path, capsys, monkeypatch):
+    """A model that answers with EOS at once (a weakly trained one does) must not break the next turn."""
+    import io
+
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.generate import main
+    from mistral_ft.model.tiny import build_tiny
+
+    folder = build_tiny(tmp_path / "eos")
+    model = MistralForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2] = 1.0  # every position predicts EOS
+    model.save_pretrained(folder)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(["--model", str(folder), "--chat", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n\n" and captured.err.count("empty answer") == 2
