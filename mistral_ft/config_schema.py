@@ -67,7 +67,11 @@ class SchedulerSchema:
 @dataclasses.dataclass
 class StrategySchema:
     name: str
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = False  # ddp
+    activation_checkpointing: bool = False  # fsdp (see mistral_ft/distributed.py)
+    cpu_offload: bool = False  # fsdp
+    reshard_after_forward: bool = True  # fsdp
+    sharded_checkpoint: bool = True  # fsdp
 
 
 @dataclasses.dataclass
@@ -111,7 +115,7 @@ CHOICES = {
     "peft.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "optimizer.name": ("adamw", "adamw8bit"),
     "scheduler.name": ("cosine", "constant"),
-    "strategy.name": ("auto", "ddp"),
+    "strategy.name": ("auto", "ddp", "fsdp"),
     "logger.name": ("csv", "wandb", "tensorboard"),
 }
 # Trainer arguments that mistral_ft builds itself (from the logger / strategy groups and the run folder).

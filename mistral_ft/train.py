@@ -216,6 +216,9 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
     accelerator = str(plain["trainer"].get("accelerator", "auto"))
     resolve_precision(plain["trainer"].get("precision", "auto"),
                       torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
+    from mistral_ft.distributed import check_distributed
+
+    check_distributed(plain, torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
     return cfg
 
 
@@ -346,9 +349,11 @@ def _quote(path: Path | str) -> str:
 def resolve_resume(path: str) -> tuple[Path, Path]:
     """(checkpoint file, run folder) for `resume=`: a run folder (its checkpoints/last.ckpt) or a .ckpt."""
     p = Path(path).expanduser().resolve()
+    if p.is_dir() and (p / "meta.pt").is_file():  # a sharded (strategy=fsdp) checkpoint folder
+        return p, p.parent.parent if p.parent.name == "checkpoints" else p.parent
     if p.is_dir():
         ckpt = p / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
+        if not ckpt.exists():
             raise ConfigError(f"resume={path}: no checkpoint at {ckpt} (the run saved none yet, or this is not a run folder)")
         return ckpt, p
     if p.is_file():
@@ -476,6 +481,10 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
              100.0 * trainable / max(1, total))
+    from mistral_ft.distributed import log_memory_plan, requested_devices
+
+    log_memory_plan(c, model, trainable, total, use_cuda,
+                    requested_devices(c["trainer"].get("devices", 1), use_cuda) * int(c["trainer"].get("num_nodes", 1) or 1))
 
     from mistral_ft.tasks import TASKS
 
@@ -523,10 +532,18 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     tokens = module.total_tokens_seen()
+    from mistral_ft.distributed import gather_trainable, is_sharded
+
+    # strategy=fsdp: the trainable weights as full tensors (a collective: every rank takes part)
+    gathered = gather_trainable(module.model) if is_sharded(module.model) else None
     if not trainer.is_global_zero:
         return {}
-    shutil.copyfile(final, last)
-    exported = export_weights(module.model, run_dir, c, tokenizer) if c["checkpoint"]["save_adapter"] else None
+    if final.is_dir():  # a sharded (DCP) checkpoint is a folder
+        shutil.rmtree(last, ignore_errors=True)
+        shutil.copytree(final, last)
+    else:
+        shutil.copyfile(final, last)
+    exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
     summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, wall_s=time.perf_counter() - t_wall,
                             trainable=trainable, total=total, exported=exported)
     _print_report(summary)
@@ -595,11 +612,9 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
 
 
 def build_strategy(s: Mapping[str, Any]) -> Any:
-    if s["name"] == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+    from mistral_ft.distributed import build_strategy as build  # ddp, fsdp (FSDP2), auto
 
-        return DDPStrategy(find_unused_parameters=bool(s.get("find_unused_parameters", False)))
-    return "auto"
+    return build(s)
 
 
 def build_logger(c: Mapping[str, Any], run_dir: Path) -> Any:
@@ -627,15 +642,18 @@ def _write_yaml(path: Path, data: Any) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: Any) -> Optional[str]:
+def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: Any,
+                   state_dict: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """adapter/ (peft: adapter_config.json + adapter_model.safetensors, `score` included for
-    classification) or model/ (full fine-tuning: HF folder), each with the tokenizer."""
+    classification) or model/ (full fine-tuning: HF folder), each with the tokenizer.
+    `state_dict`: the gathered weights of a sharded (FSDP2) model, whose own tensors are shards."""
     folder = run_dir / ("model" if c["peft"]["method"] == "none" else "adapter")
+    extra = {"state_dict": dict(state_dict)} if state_dict is not None else {}
     if c["peft"]["method"] == "none":
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), **extra)
     else:
         # LoRA on lm_head would otherwise make peft copy the whole (frozen) output layer into the adapter
-        model.save_pretrained(str(folder), save_embedding_layers=False)
+        model.save_pretrained(str(folder), save_embedding_layers=False, **extra)
     tokenizer.save_pretrained(str(folder))
     return str(folder)
 

@@ -35,6 +35,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from mistral_ft.reliability import check_nonfinite, grad_probe
+
 IGNORE_INDEX = -100
 
 
@@ -76,11 +78,21 @@ class FineTuneTask(L.LightningModule):
         self._val_targets = 0
         self.loss_history: list[tuple[int, float]] = []  # (optimizer step, token-weighted step loss), rank 0
         self.val_history: list[dict[str, float]] = []
+        self.nonfinite_skips: list[dict[str, Any]] = []  # steps dropped with skip_nonfinite=true
         self.tokens_seen = 0  # non-pad tokens trained on by this rank since this process started
         self.tokens_before = 0  # all ranks' tokens of earlier (resumed-from) segments
         self.train_time_s = 0.0  # training wall time without validation, over all resumed segments
         self._t_start: Optional[float] = None
         self._t_val: Optional[float] = None
+
+    def configure_model(self) -> None:
+        """strategy=fsdp: shard the model with FSDP2 (Lightning's ModelParallelStrategy calls this with
+        `self.device_mesh` set, after peft was applied); a no-op for the other strategies."""
+        strategy = self.cfg.get("strategy") or {}
+        if strategy.get("name") == "fsdp":
+            from mistral_ft.distributed import shard_task_model
+
+            shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
 
     # ---- subclass interface -------------------------------------------------------------------
     def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
@@ -110,7 +122,12 @@ class FineTuneTask(L.LightningModule):
         device = self._acc_loss.device
         strategy = self.trainer.strategy
         n_total = float(strategy.reduce(torch.tensor(float(self._acc_targets), device=device), reduce_op="sum"))
-        loss_total = float(strategy.reduce(self._acc_loss.clone(), reduce_op="sum"))
+        # + 0 or NaN when a gradient is not finite: the non-finite check rides on this one sync
+        probe = grad_probe(optimizer, device)
+        loss_total = float(strategy.reduce(self._acc_loss.clone() + probe, reduce_op="sum"))
+        if not math.isfinite(loss_total) and check_nonfinite(self, optimizer, loss_total / max(n_total, 1.0), self._acc_loss):
+            self._norm, self._acc_loss, self._acc_targets = None, torch.zeros((), device=device), 0
+            return  # skipped (skip_nonfinite=true): no gradients, no update; otherwise it raised
         scale = self._norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -214,6 +231,7 @@ class FineTuneTask(L.LightningModule):
         checkpoint["mistral_ft"] = {
             "loss_history": [[s, v] for s, v in self.loss_history],
             "val_history": [dict(v) for v in self.val_history],
+            "nonfinite_skips": [dict(v) for v in self.nonfinite_skips],
             "tokens_seen": self.total_tokens_seen(),
             "train_time_s": float(self.train_time_s + (time.perf_counter() - self._t_start if self._t_start else 0.0)),
             "trainable_keys": sorted(keep),
