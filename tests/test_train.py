@@ -318,8 +318,7 @@ def test_wheel_install_runs_a_recipe_from_elsewhere(tmp_path):
     run = elsewhere / "run"
     proc = subprocess.run(
         [str(vpy), "-m", "mistral_ft.train", "recipe=classify", "model=tiny", "trainer.max_steps=2",
-         "trainer.limit_val_batches=1", f"data.train_file={REPO / 'data' / 'classify_train.jsonl'}",
-         f"data.validation_file={REPO / 'data' / 'classify_val.jsonl'}", f"hydra.run.dir={run}", *QUIET],
+         "trainer.limit_val_batches=1", f"hydra.run.dir={run}", *QUIET],  # bundled data from the wheel
         cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _summary(run)["global_step"] == 2

@@ -38,6 +38,9 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 # The repository root (the folder holding `data/` with the bundled datasets); a wheel install has none.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The bundled datasets inside the package (`mistral_ft/bundled_data`, a link to `data/` in the repository, a
+# real folder in the wheel), so `data/instruct_train.jsonl` also resolves in an installed copy.
+BUNDLED = Path(__file__).resolve().parents[1] / "bundled_data"
 
 
 @dataclasses.dataclass
@@ -55,14 +58,17 @@ class LoadedSplit:
 def resolve_data_path(path: str) -> Optional[Path]:
     """A local path for `path`, or None when it should be treated as a hub dataset name.
 
-    Relative paths are tried against the working directory, then against the repository root,
-    so the bundled `data/...` files work from any directory of a source checkout.
+    Relative paths are tried against the working directory, then against the repository root, then
+    (`data/...`) against the datasets bundled in the package, so the bundled files work from any
+    directory of a source checkout and from an installed wheel.
     """
     p = Path(os.path.expanduser(path))
     if p.exists():
         return p
     if not p.is_absolute() and (PROJECT_ROOT / p).exists():
         return PROJECT_ROOT / p
+    if not p.is_absolute() and p.parts[:1] == ("data",) and (BUNDLED / Path(*p.parts[1:])).exists():
+        return BUNDLED / Path(*p.parts[1:])
     if p.suffix.lower() in BUILDERS or p.is_absolute() or path.startswith(("./", "../")):
         raise DataError(f"{path}: file not found (working directory: {os.getcwd()})")
     return None
