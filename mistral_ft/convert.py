@@ -20,14 +20,13 @@ Also here: :func:`mha_to_gqa`, the seed's recipe for turning a multi-head checkp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from .model.config import MistralConfig
+from .model.config import MistralConfig, read_json_object
 from .model.weights import CheckpointError, resolve_dtype
 
 # params.json key -> (required, accepted types)
@@ -61,12 +60,7 @@ def read_params(path: str | os.PathLike, model_size: str | None = None) -> Mistr
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: params.json not found")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(params, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    params = read_json_object(path, ConversionError)
     unknown = sorted(set(params) - set(PARAMS_FIELDS))
     if unknown:
         raise ConversionError(

@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 import torch
 
+from .model.config import read_json_object
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # config.json keys that decide tensor shapes: an adapter trained on a base that differs in any of them cannot load.
@@ -91,13 +93,7 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
     path = adapter / ADAPTER_CONFIG
     if not path.is_file():
         raise GenerateError(f"--adapter {adapter}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise GenerateError(f"{path}: expected a JSON object")
-    return cfg
+    return read_json_object(path, GenerateError)
 
 
 def check_adapter(adapter: Path, model: torch.nn.Module, model_path: Path) -> None:

@@ -53,6 +53,17 @@ class ConfigError(ValueError):
     """A config value of the wrong type or out of range; the message names the source, key and value."""
 
 
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """Parse a JSON file that must hold an object; bad JSON raises ``error`` naming the file and line."""
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 class MistralConfig:
     """Hyper-parameters of a Mistral model (the fields of transformers' ``MistralConfig``).
 
@@ -149,13 +160,7 @@ class MistralConfig:
             p = p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no config.json found")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d, _source=str(p), **overrides)
+        return cls.from_dict(read_json_object(p, ConfigError), _source=str(p), **overrides)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
