@@ -317,3 +317,14 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
             full = p.full_tensor() if isinstance(p, DTensor) else p
             out[name] = full.detach().cpu().clone()
     return out
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder as `torch.load` of a plain .ckpt would give it (for export).
+
+    The metadata (`meta.pt`: hyper_parameters, mistral_ft extras, loop state) plus `state_dict`: the
+    trainable weights assembled from every rank's shards. No optimizer state (export needs none).
+    """
+    ckpt = torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"] = read_sharded_trainable(Path(path))
+    return ckpt

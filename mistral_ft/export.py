@@ -134,7 +134,7 @@ class Run:
     def __init__(self, path: str | os.PathLike):
         p = Path(path).expanduser().resolve()
         self.ckpt: Optional[Path] = None
-        if p.is_file():
+        if p.is_file() or (p / "meta.pt").is_file():  # a .ckpt file, or a sharded (strategy=fsdp) .ckpt folder
             if p.suffix != ".ckpt":
                 raise ExportError(f"run_dir={path}: a file, but not a checkpoint (*.ckpt)")
             self.ckpt = p
@@ -154,7 +154,7 @@ class Run:
         self.extra: dict[str, Any] = {}
         if self.ckpt is None and not self._exported_folder().is_dir():
             last = p / "checkpoints" / "last.ckpt"
-            if not last.is_file():
+            if not last.exists():
                 raise ExportError(f"run_dir={path}: neither {self._exported_folder()} nor {last} exists "
                                   "(has the run saved anything yet?)")
             self.ckpt = last  # the run ended without writing adapter/ (save_adapter=false, or interrupted)
@@ -168,7 +168,12 @@ class Run:
         """Read the checkpoint's trainable weights; refuse one trained with another config than the run's."""
         assert self.ckpt is not None
         try:
-            ckpt = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True)
+            if self.ckpt.is_dir():  # sharded (torch.distributed.checkpoint): read every rank's shards
+                from mistral_ft.distributed import read_sharded_checkpoint
+
+                ckpt = read_sharded_checkpoint(self.ckpt)
+            else:
+                ckpt = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - truncated file, not a checkpoint, ...
             raise ExportError(f"{self.ckpt}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
         hp = ckpt.get("hyper_parameters") or {}
