@@ -110,7 +110,6 @@ def test_export_from_the_sharded_run_equals_export_of_the_same_weights_saved_who
         torch.testing.assert_close(trained[k].float(), exported[k].float(), rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_two_processes_with_identical_weights(fsdp_run, tmp_path):
     """Resume at step 2 of the 4-step run: steps 3-4 give the same losses and the same final adapter."""
     from safetensors.torch import load_file
