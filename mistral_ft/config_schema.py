@@ -72,6 +72,7 @@ class StrategySchema:
     cpu_offload: bool = False  # fsdp
     reshard_after_forward: bool = True  # fsdp
     sharded_checkpoint: bool = True  # fsdp
+    rank_local_load: bool = True  # fsdp: build on meta, each rank reads only its shards
 
 
 @dataclasses.dataclass
@@ -104,6 +105,7 @@ class RunSchema:
     seed: int = 42
     debug: bool = False
     resume: Optional[str] = None
+    skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
 
 
 CHOICES = {

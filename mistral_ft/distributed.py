@@ -79,6 +79,13 @@ def check_distributed(c: Mapping[str, Any], use_cuda: bool) -> None:
             "peft=qlora with strategy=fsdp is not supported: FSDP2 cannot shard bitsandbytes' packed 4-bit "
             "weights (Params4bit). Use peft=qlora with strategy=ddp (or auto on one device), or peft=lora / "
             "peft=dora with strategy=fsdp to shard a bf16 base.")
+    if strategy == "fsdp" and str(c["optimizer"]["name"]) == "adamw8bit":
+        raise ConfigError("optimizer=adamw8bit with strategy=fsdp is not supported: bitsandbytes' 8-bit update "
+                          "does not take FSDP2's sharded (DTensor) parameters. Use optimizer=adamw with strategy=fsdp "
+                          "(its states are sharded too), or optimizer=adamw8bit with strategy=ddp.")
+    if strategy == "fsdp" and c["strategy"].get("cpu_offload") and not use_cuda:
+        raise ConfigError("strategy.cpu_offload=true moves FSDP2 shards between CPU and a GPU; on CPU-only training "
+                          "the shards already live in RAM: leave strategy.cpu_offload=false")
     if num_nodes > 1 and _launcher_env() is None:
         raise ConfigError(
             f"trainer.num_nodes={num_nodes} needs a launcher that starts one process per device on every node: "
@@ -215,6 +222,9 @@ def shard_task_model(task: nn.Module, mesh: Any, s: Mapping[str, Any], precision
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+    source = getattr(model, "rank_local_source", None)  # set by train.py when the model was built on meta
+    if source is not None:
+        materialize_rank_local(model, source[0], source[1], task.trainer.strategy.root_device)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -328,3 +338,106 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=True)
     ckpt["state_dict"] = read_sharded_trainable(Path(path))
     return ckpt
+
+
+# ---- rank-local loading -------------------------------------------------------------------------------
+def rank_local_load_applies(c: Mapping[str, Any]) -> bool:
+    """Whether this run builds the model on the meta device and lets each rank read only its own shards.
+
+    strategy=fsdp with peft=lora or full fine-tuning of a causal LM (strategy.rank_local_load, default on).
+    Not (yet) for DoRA (its magnitude vector is computed from the base weights when peft wraps them) nor
+    classification (a new `score` head is initialised at load time): those load whole, then shard.
+    """
+    return (str(c["strategy"]["name"]) == "fsdp" and bool(c["strategy"].get("rank_local_load", True))
+            and str(c["peft"]["method"]) in ("lora", "none") and str(c["task"]) == "causal_lm")
+
+
+def _hf_name(name: str) -> str:
+    """peft parameter name -> the checkpoint's HF name (`base_model.model.X.base_layer.weight` -> `X.weight`)."""
+    name = name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer.", ".original_module.", ".modules_to_save.default."):
+        name = name.replace(wrapper, ".")
+    return name
+
+
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(local tensor, first row, row count) of a parameter; FSDP2 shards dim 0 (a plain tensor: all rows)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p, DTensor):
+        return p.data, 0, p.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), int(offset[0]), int(shape[0])
+
+
+@torch.no_grad()
+def materialize_rank_local(model: nn.Module, folder: str, rng_state: torch.Tensor, device: torch.device) -> None:
+    """Fill a meta-built, already sharded model: each rank reads only the rows of its own shards.
+
+    Base weights: `safe_open(...).get_slice(name)[row0:row0 + rows]` reads just those rows of the file
+    (safetensors slices the memory map), so host memory per rank stays near 1/world of the model.
+    LoRA weights: re-drawn with the random state `apply_peft` saw, in peft's order (per layer: lora_A and
+    lora_B constructors' kaiming init, then peft's reset: kaiming A, zero B), so a sharded run starts from
+    exactly the adapter a single-process run draws (tested: same per-step losses).
+    """
+    import math
+
+    from safetensors import safe_open
+
+    from mistral_ft.model.weights import _shard_map
+
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    lora = {n for n in params if ".lora_" in n}
+    wanted = {_hf_name(n): n for n in params if n not in lora}
+    found: set[str] = set()
+    base = Path(folder)
+    for shard in _shard_map(base):
+        with safe_open(str(base / shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in wanted:
+                    continue
+                p = params[wanted[key]]
+                local, row0, rows = _local_rows(p)
+                if rows:
+                    local.copy_(f.get_slice(key)[row0:row0 + rows].to(local.dtype))
+                found.add(key)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise RuntimeError(f"{folder}: no tensor for {missing[:3]} (rank-local load); set strategy.rank_local_load=false")
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        for name, module in model.named_modules():
+            a_name, b_name = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
+            if a_name not in params:
+                continue
+            a = torch.empty(params[a_name].shape)
+            b = torch.empty(params[b_name].shape)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r) constructor
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # nn.Linear(r, out) constructor
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft reset_lora_parameters (init_lora_weights=True)
+            b.zero_()
+            for pname, full in ((a_name, a), (b_name, b)):
+                local, row0, rows = _local_rows(params[pname])
+                local.copy_(full[row0:row0 + rows].to(local.dtype))
+
+
+def meta_model(c: Mapping[str, Any], model_path: str) -> nn.Module:
+    """The causal LM of `model_path` built on the meta device: shapes and dtype, no storage, nothing read.
+
+    What `from_pretrained` builds before it reads the tensors; `materialize_rank_local` reads them later,
+    each rank only its own shard rows.
+    """
+    from mistral_ft.model import MistralConfig, MistralForCausalLM
+    from mistral_ft.model.weights import resolve_dtype
+
+    config = MistralConfig.from_pretrained(model_path)
+    config.attn_implementation = str(c["model"]["attn_implementation"])
+    dtype = resolve_dtype(c["model"]["dtype"], config)
+    with torch.device("meta"):
+        model = MistralForCausalLM(config)
+    model.to(dtype)
+    model.name_or_path = str(model_path)
+    model.loading_info = {"unexpected": [], "initialised": [], "path": str(model_path), "rank_local": True}
+    return model.train()

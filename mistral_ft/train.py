@@ -471,12 +471,20 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
 
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     # qlora: load on CPU and quantize layer by layer onto `device` (a bf16 7B never sits on the GPU whole)
-    model = load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
+    from mistral_ft.distributed import meta_model, rank_local_load_applies
+
+    # strategy=fsdp: build on meta; each rank reads only its own shards once sharded (configure_model)
+    rank_local = rank_local_load_applies(c)
+    model = meta_model(c, model_path) if rank_local else \
+        load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
     if c["model"].get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
+    rng = torch.random.get_rng_state()  # what peft draws the LoRA init from (replayed by a rank-local load)
     model = apply_peft(model, c["peft"], task=task, device=device)
+    if rank_local:
+        model.rank_local_source = (model_path, rng)
     model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
