@@ -88,6 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
         if debug:
             raise
+        from mistral_ft.reliability import TrainingStopped
+
+        if isinstance(err, TrainingStopped):  # non-finite step, out of memory: the message says what to do
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         user = _user_message(err)
         if user is not None:  # bad input: one paragraph, no traceback
             print(f"error: {user}", file=sys.stderr)
@@ -370,6 +375,19 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
     `overrides.yaml` of that run comes first, so `resume=RUN trainer.max_steps=200` just works.
     """
     resume = _override_value(overrides, "resume")
+    if resume == "auto":  # the newest complete checkpoint of hydra.run.dir, or a fresh start
+        from mistral_ft.reliability import newest_checkpoint
+
+        run_dir_text = _override_value(overrides, "hydra.run.dir")
+        if not run_dir_text:
+            raise ConfigError("resume=auto needs hydra.run.dir=PATH: the run folder to continue (or start) in")
+        found = newest_checkpoint(Path(run_dir_text).expanduser())
+        overrides = [o for o in overrides if o.lstrip("+").partition("=")[0] != "resume"]
+        if found is None:
+            return overrides + ["resume=null"]
+        log.info("resume=auto: continuing from %s", found)
+        resume = str(found)
+        overrides.append(f"resume={_quote(found)}")
     if not resume or resume in ("null", "None"):
         return overrides
     ckpt, run_dir = resolve_resume(resume)
@@ -392,7 +410,9 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
 # ---- errors ---------------------------------------------------------------------------------------
 def _user_message(err: BaseException) -> Optional[str]:
     """The one-paragraph message for errors caused by input; None for bugs (those keep a traceback)."""
-    user_types: list[type] = [ConfigError, FileNotFoundError]
+    from mistral_ft.reliability import CheckpointReadError
+
+    user_types: list[type] = [ConfigError, FileNotFoundError, CheckpointReadError]
     try:
         from mistral_ft.data import DataError
 
@@ -515,6 +535,11 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     try:
         return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
                                choices=choices, trainable=trainable, total=total, t_wall=t_wall)
+    except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError is the same class
+        from mistral_ft.reliability import TrainingStopped, oom_advice
+
+        raise TrainingStopped(f"{oom_advice(c)}\n(at optimizer step {trainer.global_step}: "
+                              f"{str(err).strip().splitlines()[0][:200]})") from err
     finally:
         if c["logger"]["name"] == "wandb":  # or the next run of a -m sweep would log into this W&B run
             import wandb
@@ -550,7 +575,9 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
         shutil.rmtree(last, ignore_errors=True)
         shutil.copytree(final, last)
     else:
-        shutil.copyfile(final, last)
+        from mistral_ft.reliability import atomic_copy
+
+        atomic_copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
     exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
     summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, wall_s=time.perf_counter() - t_wall,
                             trainable=trainable, total=total, exported=exported)
@@ -615,8 +642,12 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
         dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
         every_n_train_steps=int(c["checkpoint"]["every_n_train_steps"]), save_top_k=-1, save_last=True,
     )
+    from mistral_ft.reliability import AtomicCheckpointIO, hook_callbacks
+
+    # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
+    plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
     return L.Trainer(**trainer_args, strategy=build_strategy(c["strategy"]), logger=build_logger(c, run_dir),
-                     callbacks=[checkpoint], default_root_dir=str(run_dir))
+                     callbacks=[checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
 
 
 def build_strategy(s: Mapping[str, Any]) -> Any:
@@ -723,6 +754,8 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
             "loss_curve": str(run_dir / "loss_curve.png"),
             "exported": exported,
         },
+        "nonfinite_skipped": len(module.nonfinite_skips),  # steps dropped with skip_nonfinite=true
+        "nonfinite_skips": module.nonfinite_skips,
         "loss_history": [[s, v] for s, v in module.loss_history],
         "val_history": module.val_history,
     }

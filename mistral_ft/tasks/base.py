@@ -256,6 +256,7 @@ class FineTuneTask(L.LightningModule):
         extra = checkpoint.get("mistral_ft", {})
         self.loss_history = [(int(s), float(v)) for s, v in extra.get("loss_history", [])]
         self.val_history = [dict(v) for v in extra.get("val_history", [])]
+        self.nonfinite_skips = [dict(v) for v in extra.get("nonfinite_skips", [])]
         self.tokens_before = int(extra.get("tokens_seen", 0))
         self.tokens_seen = 0
         self.train_time_s = float(extra.get("train_time_s", 0.0))

@@ -1,0 +1,289 @@
+"""Crash safety: atomic checkpoints, `resume=auto`, non-finite steps, out-of-memory advice, test hooks.
+
+Why each piece exists
+---------------------
+* A job killed by SLURM preemption, the OOM killer or a power cut can die in the middle of
+  `torch.save`. Lightning writes the final path through an fsspec transaction (a move at the end) but
+  never fsyncs, so after a crash the page cache may not have reached the disk: a file that exists can
+  still be short. `AtomicCheckpointIO` writes `.NAME.tmp-PID` in the same folder, fsyncs it, renames it
+  over NAME (`os.replace` is atomic within one file system) and fsyncs the folder, so NAME is either the
+  old complete file or the new complete file, never a torn one. `last.ckpt` goes through the same path.
+* `resume=auto` makes a requeued job's command line idempotent: the same command starts fresh the
+  first time and continues from the newest *complete* checkpoint afterwards (`newest_checkpoint`).
+* A NaN/inf step would silently poison the weights (AdamW spreads it to every parameter it touches)
+  and every later checkpoint. `check_nonfinite` stops before the optimizer step (so no checkpoint is
+  written after the bad step) or, with `skip_nonfinite=true`, drops that step's gradients.
+
+Test-only hooks (environment variables, read once when the Trainer is built; never set in production):
+
+    MISTRAL_FT_TEST_KILL=step:N        SIGKILL this process after optimizer step N (before its checkpoint)
+    MISTRAL_FT_TEST_KILL=ckpt_write:K  SIGKILL in the middle of the K-th checkpoint write of this process
+                                       (half the bytes written to the temporary file)
+    MISTRAL_FT_TEST_NAN=grad:N | loss:N   make step N's gradients / loss NaN
+    MISTRAL_FT_TEST_OOM=step:N         raise torch.OutOfMemoryError at step N (the CUDA error, on any device)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("mistral_ft.reliability")
+
+KILL_ENV = "MISTRAL_FT_TEST_KILL"
+NAN_ENV = "MISTRAL_FT_TEST_NAN"
+OOM_ENV = "MISTRAL_FT_TEST_OOM"
+TMP_MARK = ".tmp-"
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped for a reason the message explains (exit 1, no traceback): see subclasses."""
+
+
+class NonFiniteError(TrainingStopped):
+    """Training stopped at a step whose loss or gradients were NaN/inf (message: step, batches, what)."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
+
+    temp file in the same folder (same file system: the rename is atomic) -> fsync -> os.replace ->
+    fsync of the folder (so the rename itself survives a power cut).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            if _kill_halfway:  # test hook: die with half the bytes on disk
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a (complete) checkpoint to `dst` atomically, e.g. the final step-N.ckpt to last.ckpt."""
+    atomic_write_bytes(Path(dst), Path(src).read_bytes())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems (and Windows) cannot open a folder: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_io_base() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    return TorchCheckpointIO
+
+
+class AtomicCheckpointIO(_checkpoint_io_base()):  # type: ignore[misc]
+    """Lightning's `TorchCheckpointIO` with atomic, fsynced writes and `weights_only=True` reads.
+
+    Serializes to memory first (as Lightning does), so the file on disk is written in one go. Reads
+    never unpickle code (`weights_only=True`): our checkpoints hold only tensors and plain containers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.kill_at_write = _hook_value(KILL_ENV, "ckpt_write")
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        self.writes += 1
+        atomic_write_bytes(Path(path), buf.getvalue(), _kill_halfway=self.writes == self.kill_at_write)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return read_checkpoint(Path(path), map_location=map_location)
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """`torch.load(weights_only=True)` with a one-line error for a truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "unusable file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointReadError(f"{path}: not a readable checkpoint (truncated, corrupt, or it holds code "
+                                  f"that weights_only=True refuses): {first[:200]}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointReadError(f"{path}: not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+# ---- resume=auto -------------------------------------------------------------------------------------
+def newest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint of `run_dir/checkpoints` with the highest global step, or None.
+
+    Complete = `torch.load(weights_only=True, mmap=True)` opens it (mmap: tensors are not read, so this
+    is cheap even for a full 7B checkpoint) and it has a `global_step`. Temporary files of a killed
+    write (`.NAME.tmp-PID`) are never candidates. On a tie, step-N.ckpt wins over last.ckpt (same state).
+    """
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    best: Optional[tuple[int, int, Path]] = None
+    for path in folder.glob("*.ckpt"):
+        if path.name.startswith(".") or TMP_MARK in path.name:
+            continue
+        try:
+            step = read_checkpoint(path, mmap=True).get("global_step")
+        except CheckpointReadError as err:
+            log.warning("resume=auto: skipping %s", err)
+            continue
+        if not isinstance(step, int):
+            continue
+        key = (step, 0 if path.name == "last.ckpt" else 1, path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+# ---- non-finite steps --------------------------------------------------------------------------------
+def grad_probe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """0.0 when every gradient is finite, NaN otherwise, as a device tensor (no host sync).
+
+    0 * sum(grad) is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
+    all-reduce the step already does, it costs a pass over the gradients (clipping does the same) and
+    no extra host sync.
+    """
+    # FSDP2 grads are DTensors: probe the local shard (a DTensor sum cannot join the plain all-reduce below)
+    sums = [getattr(p.grad, "_local_tensor", p.grad).detach().sum().float()
+            for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not sums:
+        return torch.zeros((), device=device)
+    return torch.stack([s.to(device) for s in sums]).sum() * 0.0
+
+
+def check_nonfinite(module: Any, optimizer: torch.optim.Optimizer, step_loss: float, local_loss: torch.Tensor) -> bool:
+    """Called when the step's reduced loss (+ gradient probe) is not finite: stop, or skip the step.
+
+    Returns True when the step was skipped (its gradients dropped); raises `NonFiniteError` otherwise.
+    Every rank sees the same all-reduced value, so every rank takes the same branch.
+    """
+    step = int(module.global_step)
+    try:  # batches of this epoch fetched so far: the step's micro-batches are the last `accumulate` of them
+        last = int(module.trainer.fit_loop.epoch_loop.batch_progress.current.ready) - 1
+        first = max(0, last - int(module.trainer.accumulate_grad_batches) + 1)
+        batches = str(last) if first == last else f"{first}..{last}"
+    except (AttributeError, RuntimeError):
+        batches = "?"
+    bad = [n for g in optimizer.param_groups for n, p in zip(_names(module, g["params"]), g["params"])
+           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    loss_ok = bool(torch.isfinite(local_loss).all())
+    what = ("loss " + ("is finite" if loss_ok else "is not finite")
+            + (f"; non-finite gradients in {len(bad)} tensor(s), e.g. {bad[0]}" if bad else ""))
+    where = f"optimizer step {step} (batch index {batches}, epoch {module.current_epoch})"
+    if bool((module.hparams or {}).get("skip_nonfinite", False)):
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
+        module.nonfinite_skips.append({"step": step, "batches": batches})
+        log.warning("skipped %s: %s (skip_nonfinite=true)", where, what)
+        return True
+    raise NonFiniteError(
+        f"non-finite training step at {where}: {what} (step loss {step_loss}). Stopped before the optimizer "
+        "step, so no checkpoint holds it; the last good checkpoint is the newest one in the run folder "
+        "(continue with resume=RUN_FOLDER, e.g. with a lower optimizer.lr), or set skip_nonfinite=true to skip "
+        "such steps (counted in summary.json)."
+    )
+
+
+def _names(module: Any, params: list[torch.nn.Parameter]) -> list[str]:
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    return [by_id.get(id(p), "?") for p in params]
+
+
+# ---- out of memory -----------------------------------------------------------------------------------
+def oom_advice(c: Mapping[str, Any]) -> str:
+    """What to change when the GPU runs out of memory, with this run's current values."""
+    data, trainer = c.get("data", {}), c.get("trainer", {})
+    bs, acc = int(data.get("batch_size", 1)), int(trainer.get("accumulate_grad_batches", 1) or 1)
+    lines = [
+        "out of memory. Settings that reduce memory (the first keeps the global batch):",
+        f"  data.batch_size={max(1, bs // 2)} trainer.accumulate_grad_batches={acc * 2}   (now {bs} x {acc})"
+        if bs > 1 else f"  data.batch_size is already 1; raise trainer.accumulate_grad_batches instead (now {acc})",
+        f"  data.max_length={max(2, int(data.get('max_length', 1024)) // 2)}   (now {data.get('max_length')}; "
+        "longer examples are truncated)",
+    ]
+    if not c.get("model", {}).get("gradient_checkpointing"):
+        lines.append("  model.gradient_checkpointing=true   (activation checkpointing: ~30% slower)")
+    if c.get("peft", {}).get("method") != "qlora":
+        lines.append("  peft=qlora   (4-bit base weights)")
+    return "\n".join(lines)
+
+
+# ---- test hooks --------------------------------------------------------------------------------------
+def _hook_value(env: str, kind: str) -> Optional[int]:
+    """N from `env=kind:N`, else None."""
+    value = os.environ.get(env, "")
+    k, _, n = value.partition(":")
+    if k == kind and n.strip().isdigit():
+        return int(n)
+    return None
+
+
+def hook_callbacks() -> list[Any]:
+    """Callbacks for the test-only environment variables (an empty list when none is set)."""
+    import lightning as L
+
+    kill_step = _hook_value(KILL_ENV, "step")
+    nan_grad, nan_loss = _hook_value(NAN_ENV, "grad"), _hook_value(NAN_ENV, "loss")
+    oom_step = _hook_value(OOM_ENV, "step")
+    if kill_step is None and nan_grad is None and nan_loss is None and oom_step is None:
+        return []
+
+    class TestHooks(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if oom_step is not None and trainer.global_step == oom_step:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (test hook {OOM_ENV}=step:{oom_step})")
+
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.global_step == nan_grad:
+                p = next(p for p in pl_module.parameters() if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+            if trainer.global_step == nan_loss:
+                pl_module._acc_loss = pl_module._acc_loss + float("inf")
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            # runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last)
+            if kill_step is not None and trainer.global_step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return [TestHooks()]
+
