@@ -39,7 +39,7 @@ from mistral_ft.data.collate import PAD_DOCUMENT_ID, Collator, pack_examples
 from mistral_ft.data.config import CAUSAL_FORMATS, FORMATS, SEQUENCE_FORMATS, DataConfig
 from mistral_ft.data.datamodule import MistralDataModule
 from mistral_ft.data.dataset import DataInfo, TokenDataset, build_datasets
-from mistral_ft.data.errors import DataError
+from mistral_ft.data.errors import DataError, collect_problems
 from mistral_ft.data.formats import IGNORE_INDEX, normalize_row, tokenize_causal
 from mistral_ft.data.loading import load_split, resolve_data_path
 from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler
@@ -59,6 +59,7 @@ __all__ = [
     "ResumableSampler",
     "TokenDataset",
     "build_datasets",
+    "collect_problems",
     "load_split",
     "normalize_row",
     "pack_examples",

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from mistral_ft.data.collate import pack_examples
 from mistral_ft.data.config import DataConfig
-from mistral_ft.data.errors import DataError, RowError
+from mistral_ft.data.errors import DataError, RowError, tolerate
 from mistral_ft.data.formats import (
     IGNORE_INDEX,
     ChatTokenizer,
@@ -123,8 +123,7 @@ def _normalize(split: LoadedSplit, cfg: DataConfig) -> _Rows:
             rows.append(normalize_row(raw, cfg, from_csv=split.from_csv))
             locs.append(loc)
         except RowError as err:
-            if not cfg.skip_invalid:
-                raise DataError(f"{loc}: {err}") from None
+            tolerate(DataError(f"{loc}: {err}"), cfg.skip_invalid)  # raises unless skipping or collecting
             skipped += 1
     if not rows:
         raise DataError(f"{split.source}: no valid rows ({skipped} skipped as invalid)")
@@ -181,9 +180,8 @@ def _tokenize(
                         other.append(resolve_label(row["label"], names, cfg.label_field, from_ids))
                     except RowError as err:
                         raise DataError(f"{loc}: {err}") from None
-        except DataError:
-            if not cfg.skip_invalid:
-                raise
+        except DataError as err:
+            tolerate(err, cfg.skip_invalid)  # raises unless skipping or collecting
             skipped += 1
             continue
         ids_col.append(ids)

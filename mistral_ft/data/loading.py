@@ -30,7 +30,7 @@ from typing import Any, Optional
 import datasets
 
 from mistral_ft.data.config import DataConfig
-from mistral_ft.data.errors import DataError, RowError
+from mistral_ft.data.errors import DataError, RowError, tolerate
 from mistral_ft.data.formats import normalize_row
 
 # extension -> `datasets` builder name
@@ -194,9 +194,8 @@ def _scan_local(path: Path, cfg: DataConfig) -> tuple[list[int], list[str], list
                         f"{loc}: field '{cfg.label_field}': {kind_of.__name__} label, but "
                         f"{label_type[1]} has a {label_type[0].__name__} label; use names or ids, not both"
                     )
-        except DataError:
-            if not cfg.skip_invalid:
-                raise
+        except DataError as err:
+            tolerate(err, cfg.skip_invalid)  # raises unless skipping or collecting
             skipped += 1
             continue
         numbers.append(number)

@@ -1,0 +1,224 @@
+"""`python -m mistral_ft.validate recipe=NAME [overrides ...] [--tokens-per-s=N | --from-run=RUN]`
+
+Check a training config and its data *before* spending GPU hours: the same composition, schema and
+data pipeline as `mistral_ft.train` (so a row that would stop training is reported here with the same
+"FILE:LINE: field 'x': ..." message), but every bad row is reported, not only the first. Then the
+numbers that decide max_length and the budget:
+
+    token lengths (before truncation): min / median / p95 / max
+    examples truncated at data.max_length
+    tokens per epoch (non-pad, after truncation), optimizer steps per epoch, epochs in max_steps
+    estimated time per epoch and for max_steps, from a tokens/s that is either *configured*
+    (--tokens-per-s=N) or *measured* (--from-run=RUN: that run's summary.json tokens_per_s)
+
+Exit status: 0 no problems, 1 data problems found (listed on stderr), 2 bad config or arguments.
+Nothing is written: no run folder, no cache beyond the tiny model's and `datasets`' own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+USAGE = """usage: python -m mistral_ft.validate recipe=NAME [group=option ...] [key=value ...] [options]
+
+  the same overrides as python -m mistral_ft.train (recipe, model, data, trainer.*, ...)
+  --tokens-per-s=N   training throughput to estimate time with (configured)
+  --from-run=RUN     take tokens/s from RUN/summary.json (measured by that run)
+  debug=true         show tracebacks
+"""
+
+
+class ValidateUsageError(ValueError):
+    """Bad command-line arguments of the validate CLI."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the validator; returns the exit status (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    from mistral_ft.train import _debug_requested, _user_message
+
+    debug = _debug_requested(args)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - errors become one paragraph and an exit status
+        if debug:
+            raise
+        message = str(err) if isinstance(err, ValidateUsageError) else _user_message(err)
+        if message is None:
+            print(f"error: validation failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _parse(args: list[str]) -> tuple[list[str], Optional[float], Optional[Path]]:
+    overrides: list[str] = []
+    tokens_per_s: Optional[float] = None
+    from_run: Optional[Path] = None
+    for a in args:
+        if a.startswith("--tokens-per-s="):
+            try:
+                tokens_per_s = float(a.split("=", 1)[1])
+            except ValueError:
+                raise ValidateUsageError(f"--tokens-per-s: expected a number, got {a.split('=', 1)[1]!r}") from None
+            if not tokens_per_s > 0 or not math.isfinite(tokens_per_s):
+                raise ValidateUsageError(f"--tokens-per-s: must be > 0, got {tokens_per_s}")
+        elif a.startswith("--from-run="):
+            from_run = Path(a.split("=", 1)[1]).expanduser()
+        elif a.startswith("-"):
+            raise ValidateUsageError(f"unknown flag {a!r}\n{USAGE}")
+        elif a.lstrip("+").startswith(("resume=", "hydra.")):
+            continue  # run-folder settings mean nothing here
+        else:
+            overrides.append(a)
+    return overrides, tokens_per_s, from_run
+
+
+def measured_tokens_per_s(run: Path) -> float:
+    """tokens_per_s from a finished run's summary.json."""
+    summary = run / "summary.json"
+    if not summary.is_file():
+        raise ValidateUsageError(f"--from-run={run}: {summary} not found (a finished training run has one)")
+    try:
+        value = json.loads(summary.read_text(encoding="utf-8")).get("tokens_per_s")
+    except json.JSONDecodeError as err:
+        raise ValidateUsageError(f"--from-run={run}: {summary} is not valid JSON ({err.msg})") from None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValidateUsageError(f"--from-run={run}: {summary} has no tokens_per_s")
+    return float(value)
+
+
+def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path) -> Optional[str]:
+    """A problem string when the tokenizer can produce ids the model has no embedding row for."""
+    config = Path(model_path) / "config.json"
+    try:
+        vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None  # from_pretrained reports a missing or broken config.json with its own message
+    if tokenizer.vocab_size > vocab:
+        return (f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} tokens but the model at {model_path} "
+                f"has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the model's own "
+                "tokenizer (model.tokenizer=null) or a model with a matching vocabulary")
+    return None
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an already sorted list."""
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _main(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return 0
+    overrides, tokens_per_s, from_run = _parse(args)
+    rate_source = "configured (--tokens-per-s)" if tokens_per_s else None
+    if from_run is not None:
+        tokens_per_s, rate_source = measured_tokens_per_s(from_run), f"measured (--from-run={from_run})"
+
+    from mistral_ft.train import compose_config, resolve_model_path
+
+    c = compose_config(overrides)  # schema, model path and data config checks, as training does
+    from mistral_ft.data import DataError, build_datasets, collect_problems
+    from mistral_ft.model.weights import resolve_model_path as local_model_folder
+    from mistral_ft.tokenizer import MistralTokenizer
+
+    model_path = str(local_model_folder(resolve_model_path(c["model"])))
+    tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
+    problems: list[str] = []
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    if vocab_problem:
+        problems.append(vocab_problem)
+
+    data_cfg = {k: v for k, v in c["data"].items() if k not in ("batch_size", "eval_batch_size")}
+    import logging
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    # the pipeline's "skipped N rows" warnings: this report lists the rows themselves
+    logging.getLogger("mistral_ft.data.dataset").setLevel(logging.ERROR)
+    info = None
+    with collect_problems() as rows:
+        try:
+            _, _, info = build_datasets(dict(data_cfg, pack=False), tokenizer)
+        except DataError as err:  # a file-level problem (missing, empty, no valid rows): nothing more to learn
+            rows.append(str(err))
+    problems += rows
+    lengths: list[int] = []
+    if info is not None:  # raw lengths: the same rows without truncation (bad rows skipped, already reported)
+        with collect_problems():
+            raw_ds, _, _ = build_datasets(dict(data_cfg, pack=False, max_length=2**31 - 1, skip_invalid=True), tokenizer)
+        lengths = sorted(raw_ds.lengths)
+
+    out = [f"config: recipe={c['_choices'].get('recipe')} model={c['model'].get('path') or c['model']['name']} "
+           f"data={c['data']['train_file']} format={c['data'].get('format')} max_length={c['data'].get('max_length')}"]
+    if info is not None and lengths:
+        max_length = int(c["data"].get("max_length", 1024))
+        out.append(f"train examples: {info.train_examples} valid, {info.skipped['train']} skipped; "
+                   f"validation examples: {info.val_examples}")
+        out.append(f"token lengths (before truncation): min {lengths[0]}, median {_percentile(lengths, 50)}, "
+                   f"p95 {_percentile(lengths, 95)}, max {lengths[-1]}")
+        truncated = sum(1 for n in lengths if n > max_length)
+        out.append(f"truncated at data.max_length={max_length}: {truncated} of {len(lengths)} examples "
+                   f"({100.0 * truncated / len(lengths):.1f}%)")
+        out += _budget(c, info, tokens_per_s, rate_source)
+    print("\n".join(out), flush=True)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("no problems found")
+    return 0
+
+
+def _budget(c: Mapping[str, Any], info: Any, tokens_per_s: Optional[float], rate_source: Optional[str]) -> list[str]:
+    """Tokens and steps per epoch, epochs in max_steps, and time estimates."""
+    trainer = c["trainer"]
+    devices = trainer.get("devices", 1)
+    world = devices if isinstance(devices, int) and devices > 0 else 1
+    acc = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    per_step = int(c["data"]["batch_size"]) * world * acc  # examples (or packed rows) per optimizer step
+    rows = info.train_examples
+    steps_per_epoch = max(1, math.ceil(rows / per_step))
+    max_steps = int(trainer.get("max_steps", 0) or 0)
+    tokens = int(info.train_tokens)
+    lines = [f"tokens per epoch: {tokens:,} (non-pad, after truncation; {info.train_target_tokens:,} loss targets)",
+             f"optimizer steps per epoch: {steps_per_epoch} ({per_step} examples per step = data.batch_size "
+             f"{c['data']['batch_size']} x {world} device(s) x accumulate {acc})"]
+    run_tokens = None
+    if max_steps > 0:
+        epochs = max_steps / steps_per_epoch
+        run_tokens = tokens * epochs
+        lines.append(f"trainer.max_steps={max_steps}: {epochs:.2f} epoch(s), ~{int(run_tokens):,} tokens")
+    if tokens_per_s:
+        est = f"estimated time at {tokens_per_s:,.0f} tokens/s [{rate_source}]: {_fmt_time(tokens / tokens_per_s)} per epoch"
+        if run_tokens is not None:
+            est += f", {_fmt_time(run_tokens / tokens_per_s)} for max_steps"
+        lines.append(est)
+    else:
+        lines.append("estimated time: pass --tokens-per-s=N (configured) or --from-run=RUN (measured by a run)")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
