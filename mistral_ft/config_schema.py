@@ -159,7 +159,7 @@ class Sources:
         for ov in self.overrides:
             key = ov.lstrip("+~").split("=", 1)[0]
             if key == dotted:
-                return f"the command line: {ov}"
+                return f"the command line: {mask_secret(ov)}"
         parts = dotted.split(".")
         for path in self.files(dotted):
             line = _find_key_line(path, parts)
@@ -385,6 +385,14 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
 
 
 # ---- secrets ------------------------------------------------------------------------------------
+def mask_secret(override: str) -> str:
+    """`logger.api_key=abc` -> `logger.api_key=***`: error messages end up in logs and CI output."""
+    key, sep, _ = override.partition("=")
+    if sep and not strip_secrets({key.lstrip("+~").rsplit(".", 1)[-1]: 1}):
+        return f"{key}=***"
+    return override
+
+
 def strip_secrets(node: Any) -> Any:
     """A copy without keys that look like credentials (api_key, token, password, secret).
 

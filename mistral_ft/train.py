@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.config_schema import DATA_LOADER_KEYS, ConfigError, Sources, strip_secrets, validate_config
+from mistral_ft.config_schema import DATA_LOADER_KEYS, ConfigError, Sources, mask_secret, strip_secrets, validate_config
 
 log = logging.getLogger("mistral_ft.train")
 
@@ -257,7 +257,7 @@ def _explain_composition_error(hydra: Any, overrides: list[str], err: BaseExcept
                 valid = sorted(str(k) for k in node.keys() if k != "hydra")
                 close = difflib.get_close_matches(leaf, valid, n=1)
                 hint = f" Did you mean '{(parent + '.') if parent else ''}{close[0]}'?" if close else ""
-                return (f"{key}: unknown key (from the command line: {ov}).{hint} Valid keys under "
+                return (f"{key}: unknown key (from the command line: {mask_secret(ov)}).{hint} Valid keys under "
                         f"{parent or 'the top level'}: {', '.join(valid)}")
             if node is not None:
                 return f"{key}: cannot set a key under {parent}, which is a value ({node!r}), not a group of keys"
@@ -480,6 +480,11 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     # hub id -> local folder first (fetched once, or found in the hub cache): the tokenizer lives there too
     model_path = str(local_model_folder(resolve_model_path(c["model"])))
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
+    from mistral_ft.validate import check_tokenizer_matches_model
+
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
+        raise ConfigError(vocab_problem)
     data_cfg = dict(c["data"])
     batch_size = int(data_cfg.pop("batch_size"))
     eval_batch_size = data_cfg.pop("eval_batch_size", None)

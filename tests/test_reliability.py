@@ -169,3 +169,62 @@ def test_resume_auto_needs_a_run_folder(capsys):
     assert main(["recipe=instruct_lora", "model=tiny", "resume=auto"]) == 2
     err = capsys.readouterr().err
     assert "resume=auto needs hydra.run.dir" in err and "Traceback" not in err
+
+
+# ---- non-finite steps, out of memory -----------------------------------------------------------------
+NAN_ARGS = [a for a in RUN_ARGS if not a.startswith(("trainer.max_steps", "checkpoint.every"))] + [
+    "trainer.max_steps=6", "checkpoint.every_n_train_steps=2"]
+
+
+def test_nonfinite_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MISTRAL_FT_TEST_NAN", "grad:3")
+    run = tmp_path / "run"
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "non-finite training step at optimizer step 3 (batch index 3, epoch 0)" in err
+    assert "non-finite gradients in 1 tensor(s)" in err and "skip_nonfinite=true" in err
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step-000002.ckpt"]  # nothing after the bad step
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert not (run / "summary.json").exists()
+
+
+def test_nonfinite_loss_is_skipped_and_counted_when_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRAL_FT_TEST_NAN", "loss:3")
+    run = tmp_path / "run"
+    assert main(NAN_ARGS + [f"hydra.run.dir={run}", "skip_nonfinite=true"]) == 0
+    s = _summary(run)
+    assert s["global_step"] == 6 and s["nonfinite_skipped"] == 1 and s["nonfinite_skips"][0]["step"] == 3
+    assert [step for step, _ in s["loss_history"]] == [0, 1, 2, 4, 5]
+    weights = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_out_of_memory_prints_the_settings_that_reduce_memory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MISTRAL_FT_TEST_OOM", "step:1")
+    run = tmp_path / "run"
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    for piece in ("out of memory", "data.batch_size=1 trainer.accumulate_grad_batches=2", "data.max_length=32",
+                  "model.gradient_checkpointing=true", "peft=qlora", "at optimizer step 1"):
+        assert piece in err, (piece, err)
+
+
+# ---- secrets -------------------------------------------------------------------------------------------
+def test_secrets_never_reach_the_run_folder(tmp_path, monkeypatch, capsys):
+    secret = "sk-test-5ecr3t-value-123"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    # a secret-looking override is refused by the schema, and the message masks its value
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}", f"+logger.api_key={secret}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "logger.api_key" in err and secret not in err and not run.exists()
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}", "logger=wandb", "trainer.max_steps=2"])
+    assert rc == 0
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "summary.json" for p in files) and any("wandb" in p.parts for p in files)
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
