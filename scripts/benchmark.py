@@ -18,10 +18,11 @@ What is compared (docs/benchmarks.md has the measured tables):
   with ``num_items_in_batch`` (transformers' token-weighted loss across micro-batches).
 
 Why it is fair: both systems start from the same weights (ours built from a seed, ``save_pretrained``, loaded by
-transformers; for mistral-7b, one seeded init over the sorted HF parameter names in each process), get the same LoRA initialisation (same seed right before ``get_peft_model``; peft visits the
-modules in the same order), and every optimizer step consumes *exactly the same examples*, hence the same useful
-tokens and the same gradient. The per-step losses of the two systems therefore agree (reported as a check: a
-difference means the comparison is broken, not that one is faster).
+transformers; for mistral-7b, one seeded init over the sorted HF parameter names in each process), get the same
+LoRA initialisation (same seed right before ``get_peft_model``; peft visits the modules in the same order), and
+every optimizer step consumes *exactly the same examples*, hence the same useful tokens and the same gradient. The
+per-step losses of the two systems therefore agree (reported as a check: a difference means the comparison is
+broken, not that one is faster).
 
 Why subprocesses: peak memory on the CPU is the process's peak RSS (``ru_maxrss``), which only means something
 per process, so each system runs in its own worker. The parent drives both workers in lock step, alternating
