@@ -144,6 +144,8 @@ def _main(args: list[str]) -> int:
                 print(OmegaConf.to_yaml(_without_hydra(cfg)))
             if multirun:
                 _refuse_multiprocess_sweep(cfg)
+            if not print_cfg:
+                _fetch_hub_model(cfg)
         if print_cfg:
             return 0
         if multirun:  # a failing point stops the sweep (Hydra re-raises it)
@@ -225,6 +227,17 @@ def _compose(hydra: Any, overrides: list[str]) -> Any:
 
     check_distributed(plain, torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
     return cfg
+
+
+def _fetch_hub_model(cfg: Any) -> None:
+    """A hub id in model.path is fetched (or found in the hub cache) now, before Hydra makes the run
+    folder: offline or a wrong id then fails without leaving a folder behind. compose_config skips this
+    (it must work without the hub)."""
+    path = cfg.model.get("path")
+    if path and not Path(str(path)).expanduser().exists():
+        from mistral_ft.model.weights import resolve_model_path as local_model_folder
+
+        local_model_folder(str(path))
 
 
 def _hydra_text(err: BaseException) -> str:
