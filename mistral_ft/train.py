@@ -154,10 +154,17 @@ def _main(args: list[str]) -> int:
         failure: list[BaseException] = []
 
         def task(cfg: Any) -> Any:
+            from hydra.core.hydra_config import HydraConfig
+
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            fresh = _just_created(run_dir)
             try:
                 return _task(cfg)
             except BaseException as err:  # noqa: BLE001 - re-raised below, after Hydra's bookkeeping
                 failure.append(err)
+                if fresh and isinstance(err, Exception) and _user_message(err) is not None \
+                        and not (run_dir / "checkpoints").exists():
+                    shutil.rmtree(run_dir, ignore_errors=True)  # bad input (e.g. a data row): leave no folder
                 return None
 
         # Hydra prints "Error executing job with overrides" for a failed job; we report it ourselves.
@@ -165,6 +172,19 @@ def _main(args: list[str]) -> int:
         if failure:
             raise failure[0]
     return 0
+
+
+def _just_created(run_dir: Path) -> bool:
+    """True when Hydra made `run_dir` for this call: it holds nothing but its own empty train.log.
+
+    Input errors found only inside the run (a bad data row, a corrupt weights file) then remove the
+    folder again, so a failed start leaves nothing that `resume=` or `resume=auto` could mistake for a run.
+    """
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return False
+    return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)
 
 
 def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
@@ -373,9 +393,16 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
         ckpt = p / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise ConfigError(f"resume={path}: no checkpoint at {ckpt} (the run saved none yet, or this is not a run folder)")
+        if ckpt.is_file():
+            from mistral_ft.reliability import read_checkpoint
+
+            read_checkpoint(ckpt, mmap=True)  # torn or foreign: fail before the run folder is touched
         return ckpt, p
     if p.is_file():
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        from mistral_ft.reliability import read_checkpoint
+
+        read_checkpoint(p, mmap=True)  # a torn or foreign file fails here, before the run folder is touched
         return p, run_dir
     raise ConfigError(f"resume={path}: no such run folder or checkpoint file")
 
