@@ -228,3 +228,16 @@ def test_secrets_never_reach_the_run_folder(tmp_path, monkeypatch, capsys):
     assert any(p.name == "summary.json" for p in files) and any("wandb" in p.parts for p in files)
     for p in files:
         assert secret.encode() not in p.read_bytes(), p
+
+
+def test_no_unsafe_loading_in_the_code_base():
+    """Every torch.load reads weights only; nothing asks for remote code; no pickle.load of files."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    for path in [*repo.glob("mistral_ft/**/*.py"), *repo.glob("scripts/**/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"torch\.load\((?:[^()]|\([^()]*\))*\)", text):
+            assert "weights_only=True" in m.group(0), (path, m.group(0))
+        assert "trust_remote_code=True" not in text, path
+        assert "pickle.load(" not in text, path
