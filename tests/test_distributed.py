@@ -39,6 +39,7 @@ def _two_processes(run_dir: Path, *overrides: str, cwd: Path) -> None:
                            f"hydra.run.dir={run_dir}", *overrides], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir.parent / "launch.log").write_text(proc.stdout + proc.stderr)  # both ranks' log lines
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,9 @@ def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_run, s
     torch.testing.assert_close(torch.tensor(_losses(fsdp_run)), torch.tensor(_losses(single_run)), rtol=1e-5, atol=0)
     # every rank trained on its own half: the two ranks' tokens add up to the single process's
     assert fsdp["tokens_seen"] == single["tokens_seen"]
+    # both ranks built the model on meta and read only their own rows (mistral_ft.distributed.materialize_rank_local)
+    log = (fsdp_run.parent / "launch.log").read_text()
+    assert "rank 0: model sharded (rank-local load)" in log and "rank 1: model sharded (rank-local load)" in log
 
 
 def test_fsdp_checkpoint_holds_each_ranks_half_of_every_sharded_weight(fsdp_run):
