@@ -162,7 +162,8 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
         if path.name.startswith(".") or TMP_MARK in path.name:
             continue
         try:
-            step = read_checkpoint(path, mmap=True).get("global_step")
+            # strategy=fsdp: a folder of per-rank shards; rank 0 writes meta.pt (with the step) after all shards
+            step = read_checkpoint(path / "meta.pt" if path.is_dir() else path, mmap=True).get("global_step")
         except CheckpointReadError as err:
             log.warning("resume=auto: skipping %s", err)
             continue

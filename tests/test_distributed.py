@@ -77,6 +77,9 @@ def test_fsdp_checkpoint_holds_each_ranks_half_of_every_sharded_weight(fsdp_run)
 
     ckpt = fsdp_run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "__0_0.distcp").is_file() and (ckpt / "__1_0.distcp").is_file()
+    from mistral_ft.reliability import newest_checkpoint
+
+    assert newest_checkpoint(fsdp_run) == fsdp_run / "checkpoints" / f"step-{STEPS:06d}.ckpt"  # resume=auto finds folders
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     weights = {k: m for k, m in meta.items() if k.startswith("state_dict.") and len(m.size) == 2}
     assert weights and not any(".base_layer." in k for k in weights)  # trainable weights only, no frozen base
