@@ -480,3 +480,29 @@ def test_json_array_error_has_the_line(tmp_path, tok):
     f.write_text('[\n  {"text": "a"},\n  {"text": "b",,}\n]\n')
     with pytest.raises(DataError, match=rf"{f}:3: malformed JSON"):
         build_datasets({"train_file": str(f), "format": "text"}, tok)
+
+
+def test_best_fit_packing_keeps_every_example_and_fills_rows():
+    import random as _random
+
+    rnd = _random.Random(0)
+    lengths = [min(512, max(4, int(rnd.lognormvariate(4.5, 0.9)))) for _ in range(400)]
+    examples = [([1] + [7 + i % 50] * (n - 1), [-100] + [7 + i % 50] * (n - 1)) for i, n in enumerate(lengths)]
+    greedy = pack_examples(examples, 512)
+    best = pack_examples(examples, 512, strategy="best_fit")
+    assert len(best) < len(greedy)
+    total = sum(lengths)
+    assert total / (512 * len(best)) > 0.95 > total / (512 * len(greedy))
+    assert all(len(r["input_ids"]) <= 512 for r in best)
+    seen = sorted(len(r["document_ids"]) for r in best)
+    assert sum(seen) == total
+    # every example exactly once, whole: split each row back into its documents
+    docs = sorted(tuple(row["input_ids"][j] for j in range(len(row["input_ids"])) if row["document_ids"][j] == d)
+                  for row in best for d in set(row["document_ids"]))
+    assert docs == sorted(tuple(e[0]) for e in examples)
+    for row in best:  # positions restart per document, first token of each document is not a target
+        for j, d in enumerate(row["document_ids"]):
+            if j == 0 or row["document_ids"][j - 1] != d:
+                assert row["position_ids"][j] == 0 and row["labels"][j] == -100
+    with pytest.raises(ValueError, match="pack strategy"):
+        pack_examples(examples, 512, strategy="tight")

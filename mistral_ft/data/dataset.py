@@ -194,7 +194,7 @@ def _finish(columns: dict[str, list[Any]], cfg: DataConfig, seed: int) -> dict[s
         return columns
     pairs = list(zip(columns["input_ids"], columns["labels"]))
     random.Random(seed).shuffle(pairs)  # mix lengths and sources across rows, reproducibly
-    packed = pack_examples(pairs, cfg.max_length)
+    packed = pack_examples(pairs, cfg.max_length, strategy="best_fit")  # fuller rows; the sampler shuffles rows
     return {k: [row[k] for row in packed] for k in ("input_ids", "labels", "position_ids", "document_ids")}
 
 
