@@ -29,7 +29,7 @@ def test_recipes_and_groups_exist():
     assert set(available("data")) >= {"instruct_tiny", "classify_tiny", "jsonl"}
     assert set(available("peft")) == {"lora", "dora", "qlora", "none"}
     assert set(available("scheduler")) == {"cosine", "constant"}
-    assert set(available("strategy")) == {"auto", "ddp"}
+    assert set(available("strategy")) == {"auto", "ddp", "fsdp"}
     assert set(available("logger")) == {"csv", "wandb", "tensorboard"}
     # the recipe group is the repository's recipes/ folder (symlinked for Hydra, copied into the wheel)
     assert (config_dir() / "recipe" / "instruct_lora.yaml").resolve() == (REPO / "recipes" / "instruct_lora.yaml").resolve()
