@@ -84,7 +84,17 @@ def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) 
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """Copy a (complete) checkpoint to `dst` atomically, e.g. the final step-N.ckpt to last.ckpt."""
-    atomic_write_bytes(Path(dst), Path(src).read_bytes())
+    write_checkpoint_bytes(Path(dst), Path(src).read_bytes())
+
+
+_checkpoint_writes = 0  # checkpoint files written by this process (the ckpt_write:K test hook counts them)
+
+
+def write_checkpoint_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_bytes` for a checkpoint file, counted for MISTRAL_FT_TEST_KILL=ckpt_write:K."""
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    atomic_write_bytes(path, data, _kill_halfway=_checkpoint_writes == _hook_value(KILL_ENV, "ckpt_write"))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -113,18 +123,12 @@ class AtomicCheckpointIO(_checkpoint_io_base()):  # type: ignore[misc]
     never unpickle code (`weights_only=True`): our checkpoints hold only tensors and plain containers.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-        self.kill_at_write = _hook_value(KILL_ENV, "ckpt_write")
-
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        self.writes += 1
-        atomic_write_bytes(Path(path), buf.getvalue(), _kill_halfway=self.writes == self.kill_at_write)
+        write_checkpoint_bytes(Path(path), buf.getvalue())
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         return read_checkpoint(Path(path), map_location=map_location)
