@@ -186,3 +186,27 @@ def test_memory_plan_optimizer_and_activations():
     ckpt = estimate_memory(**SEVEN_B, trainable_params=lora, batch_size=4, seq_len=2048, gradient_checkpointing=True)
     assert ckpt["activations"] / GiB == pytest.approx(2 + 34 / 32, rel=1e-6)
     assert plan["total"] == pytest.approx(sum(v for k, v in plan.items() if k != "total"))
+
+
+def test_memory_plan_warns_when_it_cannot_fit(caplog):
+    """On CPU the plan is checked against the host's RAM: a 5-trillion-parameter model does not fit."""
+    import logging
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from mistral_ft.distributed import log_memory_plan
+
+    model = nn.Module()
+    model.config = SimpleNamespace(hidden_size=4096, num_hidden_layers=32)
+    c = {"data": {"batch_size": 1, "max_length": 16}, "model": {"dtype": "bfloat16"}, "peft": {"method": "lora"},
+         "strategy": {"name": "fsdp"}, "optimizer": {"name": "adamw"}}
+    with caplog.at_level(logging.INFO, logger="mistral_ft.distributed"):
+        plan = log_memory_plan(c, model, trainable=0, total=5 * 10**12, use_cuda=False, world=2)
+    assert plan["weights"] == 5 * 10**12 * 2 / 2  # bf16, sharded over 2
+    assert "memory plan per device (strategy=fsdp, world=2)" in caplog.text
+    assert "will not fit this host's" in caplog.text and "strategy=fsdp on more devices" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mistral_ft.distributed"):
+        log_memory_plan(c, model, trainable=0, total=10**6, use_cuda=False, world=2)
+    assert "will not fit" not in caplog.text
