@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("mistral_ft.reliability")
 
@@ -110,16 +111,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _checkpoint_io_base() -> type:
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    return TorchCheckpointIO
-
-
-class AtomicCheckpointIO(_checkpoint_io_base()):  # type: ignore[misc]
+class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's `TorchCheckpointIO` with atomic, fsynced writes and `weights_only=True` reads.
 
-    Serializes to memory first (as Lightning does), so the file on disk is written in one go. Reads
+    Serializes to memory first, as Lightning's own `_atomic_save` does (so host memory briefly holds one
+    checkpoint's bytes: megabytes for LoRA, the full trainable weights and optimizer state otherwise). Reads
     never unpickle code (`weights_only=True`): our checkpoints hold only tensors and plain containers.
     """
 
