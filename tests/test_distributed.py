@@ -210,3 +210,16 @@ def test_memory_plan_warns_when_it_cannot_fit(caplog):
     with caplog.at_level(logging.INFO, logger="mistral_ft.distributed"):
         log_memory_plan(c, model, trainable=0, total=10**6, use_cuda=False, world=2)
     assert "will not fit" not in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "none"])
+def test_fsdp_dora_and_full_finetuning_match_one_process(method, tmp_path):
+    """DoRA (loads whole, then shards) and full fine-tuning (rank-local load) under FSDP2 vs one process."""
+    extra = [f"peft={method}"] + (["optimizer.lr=1e-3"] if method == "none" else [])
+    fsdp = tmp_path / "fsdp"
+    _two_processes(fsdp, "strategy=fsdp", "checkpoint.save_adapter=false", *extra, cwd=tmp_path)
+    single = tmp_path / "single"
+    assert main([*COMMON, "trainer.devices=1", "data.batch_size=4", "checkpoint.save_adapter=false", *extra,
+                 f"hydra.run.dir={single}"]) == 0
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(single)), rtol=1e-5, atol=0)
