@@ -149,6 +149,9 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(single_run, 
     (["peft=qlora", "strategy=fsdp"], "peft=qlora with strategy=ddp"),
     (["trainer.num_nodes=2", "strategy=ddp"], "scripts/slurm/multi_node.sbatch"),
     (["strategy=fsdp1"], "fsdp"),
+    (["strategy=fsdp", "optimizer=adamw8bit"], "optimizer=adamw with strategy=fsdp"),
+    (["strategy=fsdp", "strategy.sharded_checkpoint=false"], "Leave it true"),
+    (["strategy=fsdp", "strategy.cpu_offload=true"], "strategy.cpu_offload=false"),
 ])
 def test_bad_distributed_input_is_refused_with_what_to_use(overrides, says, tmp_path, capsys, monkeypatch):
     for k in list(os.environ):
