@@ -30,8 +30,10 @@ class ModelSchema:
     path: Optional[str] = None
     tokenizer: Optional[str] = None
     dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
+    loss_chunk_size: int = 2048     # causal LM: tokens per chunk of the fused linear + cross-entropy (0 = plain)
+    compile: bool = False           # torch.compile each decoder layer
 
 
 @dataclasses.dataclass
@@ -111,7 +113,7 @@ class RunSchema:
 CHOICES = {
     "task": ("causal_lm", "classification"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "peft.method": ("lora", "dora", "qlora", "none"),
     "peft.quant_type": ("nf4", "fp4"),
     "peft.compute_dtype": ("auto", "float32", "bfloat16", "float16"),

@@ -474,7 +474,11 @@ def meta_model(c: Mapping[str, Any], model_path: str) -> nn.Module:
     from mistral_ft.model.weights import resolve_dtype
 
     config = MistralConfig.from_pretrained(model_path)
-    config.attn_implementation = str(c["model"]["attn_implementation"])
+    from mistral_ft.train import resolve_attn_implementation
+
+    on_cuda = torch.cuda.is_available() and str(c["trainer"].get("accelerator", "auto")) != "cpu"
+    config.attn_implementation = resolve_attn_implementation(str(c["model"]["attn_implementation"]),
+                                                             "cuda" if on_cuda else "cpu")
     dtype = resolve_dtype(c["model"]["dtype"], config)
     with torch.device("meta"):
         model = MistralForCausalLM(config)

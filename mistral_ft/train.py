@@ -542,6 +542,9 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     rank_local = rank_local_load_applies(c)
     model = meta_model(c, model_path) if rank_local else \
         load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
+    if c["model"].get("compile"):
+        for layer in model.model.layers:  # per layer: one small graph, reused by every layer
+            layer.compile()
     if c["model"].get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
         if c["peft"]["method"] != "none":
@@ -659,12 +662,34 @@ def resolve_model_path(model_cfg: Mapping[str, Any]) -> str:
     return str(tiny_model_path())
 
 
+def resolve_attn_implementation(name: str, device: Any) -> str:
+    """`auto`: on CUDA flash-attn 2 (varlen, window) when installed, else FlexAttention (block mask: padding,
+    packed documents and the window skip whole blocks), else SDPA; on CPU SDPA (FlexAttention has no CPU
+    backward). The GPU choices are unverified on hardware in this repository's CI (see docs/benchmarks.md)."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flex_attention"
+
+
 def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:
     """Our MistralForCausalLM / MistralForSequenceClassification, the head sized from the data's labels."""
     from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
 
     kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
-                                  attn_implementation=c["model"]["attn_implementation"])
+                                  attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
+                                                                                  device))
     if c["task"] == "causal_lm":
         return MistralForCausalLM.from_pretrained(model_path, **kwargs)
     if info.format == "regression":

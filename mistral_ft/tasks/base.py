@@ -94,6 +94,13 @@ class FineTuneTask(L.LightningModule):
 
             shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count real tokens on the host, before the batch moves to the device (no sync in the step)."""
+        if isinstance(batch, dict) and "input_ids" in batch:
+            mask = batch.get("attention_mask")
+            batch["num_tokens"] = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
     # ---- subclass interface -------------------------------------------------------------------
     def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
         """(summed loss over the batch's targets, number of targets, model output)."""
@@ -111,8 +118,11 @@ class FineTuneTask(L.LightningModule):
             self._norm = max(1.0, float(self.trainer.strategy.reduce(first, reduce_op="mean")))
         self._acc_loss = self._acc_loss.to(loss_sum.device) + loss_sum.detach().float()
         self._acc_targets += n_targets
-        mask = batch.get("attention_mask")
-        self.tokens_seen += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        n_tokens = batch.get("num_tokens")  # counted on the host (on_before_batch_transfer): no sync
+        if n_tokens is None:
+            mask = batch.get("attention_mask")
+            n_tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens_seen += int(n_tokens)
         return loss_sum / self._norm
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
