@@ -4,6 +4,7 @@ equal those of the examples run one by one (our model, peft LoRA, the data packa
 from __future__ import annotations
 
 import peft
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,21 @@ def test_attention_auto_picks_sdpa_on_cpu():
     assert resolve_attn_implementation("eager", "cpu") == "eager"
     # on CUDA without flash-attn installed: FlexAttention (decided without touching a GPU)
     assert resolve_attn_implementation("auto", "cuda") in ("flex_attention", "flash_attention_2")
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_loss_and_gradients():
+    """model.compile=true compiles each decoder layer; numbers must not move (CPU inductor, slow to build)."""
+    model = make_ours(MistralForCausalLM).train()
+    x = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(x, labels=x)
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for layer in model.model.layers:
+        layer.compile()
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    for a, p in zip(ref_grads, model.parameters()):
+        assert (a - p.grad).abs().max() < 1e-5
