@@ -14,14 +14,7 @@ from conftest import TINY, hf_pair, make_ours
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster on a shared 2-core machine (measured:
-    10 ms/step vs 56 ms/step of tiny-model decoding with 2 threads under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 def _left_padded(lengths, width=None, seed=0, vocab=TINY["vocab_size"]):
