@@ -241,6 +241,36 @@ def test_interrupted_export_leaves_no_folder(runs, tmp_path, monkeypatch):
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no half-written folder, no temp left
 
 
+def test_sigkilled_export_leaves_nothing_that_loads(runs, tmp_path):
+    """A real SIGKILL halfway through the weights (a subprocess): OUT never appears; the hidden temp folder
+    that a kill cannot clean up is not a model folder anyone would load."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "import mistral_ft.merge as merge\n"
+        "from mistral_ft.export import main\n"
+        "real, calls = merge.merged_weight, []\n"
+        "def dying(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "merge.merged_weight = dying\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", script, f"run_dir={runs['lora']}", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists()
+    left = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".out.tmp-") for p in left)  # hidden, named as temporary
+    assert export_main([f"run_dir={runs['lora']}", f"output_dir={out}"]) == 0  # a retry just works
+    assert (out / "merged" / "config.json").is_file()
+
+
 def _run(capsys, *argv) -> tuple[int, str]:
     rc = export_main(list(argv))
     return rc, capsys.readouterr().err
