@@ -36,7 +36,7 @@ import torch
 
 from mistral_ft.merge import BASE_RECORD, ExportError
 
-DEBUG_ENV = "MISTRAL_FT_DEBUG"
+from mistral_ft.cli import DEBUG_ENV
 KEYS = {
     "run_dir": "a training run folder (uses adapter/ or model/) or one of its checkpoints (*.ckpt)",
     "output_dir": "the folder to create (must not exist, or be empty)",
@@ -57,31 +57,27 @@ CHECK_TEXT = "Export self-check: the quick brown fox jumps over 13 lazy dogs.\n 
 # ---- command line ---------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; 0 done, 2 bad input (one paragraph on stderr, no traceback unless debug), 1 a bug."""
+    from mistral_ft.cli import run_cli
+
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes") or any(
-        a in ("debug=true", "debug=1", "debug=True") for a in args)
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    try:
-        opts = parse_args(args)
-        export(**opts)
+
+    def body() -> int:
+        export(**parse_args(args))
         return 0
-    except KeyboardInterrupt:
-        print("interrupted (nothing was written to the output folder)", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if debug:
-            raise
+
+    def classify(err: Exception) -> Optional[tuple[str, int]]:
         from mistral_ft.model import CheckpointError
         from mistral_ft.model import ConfigError as ModelConfigError
 
         if isinstance(err, (ExportError, CheckpointError, ModelConfigError, FileNotFoundError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"error: export failed: {type(err).__name__}: {err}\n(set debug=true or {DEBUG_ENV}=1 for the "
-              "full traceback)", file=sys.stderr)
-        return 1
+            return str(err), 2
+        return None
+
+    return run_cli(body, args, "export", classify, interrupted="interrupted (nothing was written to the output folder)",
+                   failure_hint=f"\n(set debug=true or {DEBUG_ENV}=1 for the full traceback)")
 
 
 def parse_args(args: Sequence[str]) -> dict[str, Any]:

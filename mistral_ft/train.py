@@ -35,7 +35,7 @@ from mistral_ft.config_schema import DATA_LOADER_KEYS, ConfigError, Sources, mas
 
 log = logging.getLogger("mistral_ft.train")
 
-DEBUG_ENV = "MISTRAL_FT_DEBUG"
+from mistral_ft.cli import DEBUG_ENV
 CONFIG_NAME = "config"
 USAGE = """usage: python -m mistral_ft.train recipe=NAME [group=option ...] [key=value ...] [-m]
 
@@ -78,35 +78,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0: done; 1: the run failed inside training; 2: bad input (config, data, model path), reported
     as one paragraph on stderr without a traceback unless `debug=true` or MISTRAL_FT_DEBUG=1.
     """
+    from mistral_ft.cli import run_cli
+
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = _debug_requested(args)
-    try:
-        return _main(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if debug:
-            raise
-        from mistral_ft.reliability import TrainingStopped
-
-        if isinstance(err, TrainingStopped):  # non-finite step, out of memory: the message says what to do
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        user = _user_message(err)
-        if user is not None:  # bad input: one paragraph, no traceback
-            print(f"error: {user}", file=sys.stderr)
-            return 2
-        # a bug: keep the traceback (console and train.log)
-        log.exception("training failed")
-        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _main(args), args, "training", _classify_error,
+                   on_failure=lambda: log.exception("training failed"))  # a bug: keep the traceback in train.log
 
 
-def _debug_requested(args: Sequence[str]) -> bool:
-    if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
-        return True
-    return any(a.lstrip("+") in ("debug=true", "debug=True", "debug=1") for a in args)
+def _classify_error(err: Exception) -> Optional[tuple[str, int]]:
+    """(message, exit status) for errors that explain themselves; None for bugs."""
+    from mistral_ft.reliability import TrainingStopped
+
+    if isinstance(err, TrainingStopped):  # non-finite step, out of memory: the message says what to do
+        return str(err), 1
+    user = _user_message(err)
+    return (user, 2) if user is not None else None
 
 
 def _main(args: list[str]) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,24 +39,15 @@ class ValidateUsageError(ValueError):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the validator; returns the exit status (see the module docstring)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    from mistral_ft.train import _debug_requested, _user_message
+    from mistral_ft.cli import run_cli
+    from mistral_ft.train import _user_message
 
-    debug = _debug_requested(args)
-    try:
-        return _main(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - errors become one paragraph and an exit status
-        if debug:
-            raise
+    def classify(err: Exception) -> Optional[tuple[str, int]]:
         message = str(err) if isinstance(err, ValidateUsageError) else _user_message(err)
-        if message is None:
-            print(f"error: validation failed: {type(err).__name__}: {err}", file=sys.stderr)
-            return 1
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return (message, 2) if message is not None else None
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _main(args), args, "validation", classify)
 
 
 def _parse(args: list[str]) -> tuple[list[str], Optional[float], Optional[Path]]:

@@ -1,0 +1,52 @@
+"""What every `python -m mistral_ft.X` entry point does with an exception: one exit-status policy.
+
+0 done; 2 bad input (one paragraph on stderr, no traceback); 1 a failure that is not the input's fault
+(the message names the exception); 130 interrupted. `debug=true` or MISTRAL_FT_DEBUG=1 re-raises instead,
+so the full traceback is there when it is wanted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+DEBUG_ENV = "MISTRAL_FT_DEBUG"
+
+
+def debug_requested(args: Sequence[str]) -> bool:
+    """`debug=true` (or `+debug=true`) among the arguments, or MISTRAL_FT_DEBUG=1 in the environment."""
+    if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
+        return True
+    return any(a.lstrip("+") in ("debug=true", "debug=True", "debug=1") for a in args)
+
+
+def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
+            classify: Callable[[Exception], Optional[tuple[str, int]]],
+            interrupted: str = "interrupted", on_failure: Optional[Callable[[], None]] = None,
+            failure_hint: str = "") -> int:
+    """Run `body()` and turn its exceptions into an exit status.
+
+    `classify(err)` returns (message, status) for errors with a message of their own (bad input: status 2),
+    or None for anything else, which is reported as "`what` failed: Type: text" with status 1 after
+    `on_failure()` (e.g. logging the traceback to the run's log file).
+    """
+    debug = debug_requested(args)
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if debug:
+            raise
+        known = classify(err)
+        if known is not None:
+            message, status = known
+            print(f"error: {message}", file=sys.stderr)
+            return status
+        if on_failure is not None:
+            on_failure()
+        print(f"error: {what} failed: {type(err).__name__}: {err}{failure_hint}", file=sys.stderr)
+        return 1
