@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from mistral_ft.config_schema import ConfigError, Sources, strip_secrets, validate_config
-from mistral_ft.train import available, compose_config, config_dir, main
+from mistral_ft.train import main
+from mistral_ft.training.compose import available, compose_config, config_dir
+from mistral_ft.training.schema import ConfigError, Sources, strip_secrets, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "data", "peft", "optimizer", "scheduler", "strategy", "trainer", "logger")

@@ -92,7 +92,7 @@ def _write_original(folder: Path, params: dict, sd: dict[str, torch.Tensor]) -> 
 
 def test_converted_checkpoint_matches_original_reference(tmp_path):
     from mistral_ft import MistralForCausalLM
-    from mistral_ft.convert import convert_checkpoint
+    from mistral_ft.checkpoints.convert import convert_checkpoint
     from mistral_ft.tokenizer import MistralTokenizer
 
     sd = _original_state(PARAMS)
@@ -116,7 +116,7 @@ def test_converted_checkpoint_matches_original_reference(tmp_path):
 def test_transformers_loads_the_converted_folder(tmp_path):
     import transformers
 
-    from mistral_ft.convert import convert_checkpoint
+    from mistral_ft.checkpoints.convert import convert_checkpoint
 
     sd = _original_state(PARAMS, seed=2)
     out = convert_checkpoint(_write_original(tmp_path / "orig", PARAMS, sd), tmp_path / "hf", dtype="bfloat16")
@@ -127,7 +127,8 @@ def test_transformers_loads_the_converted_folder(tmp_path):
 
 
 def test_missing_key_unknown_field_and_size_mismatch_are_clear_errors(tmp_path):
-    from mistral_ft.convert import ConversionError, convert_checkpoint, main
+    from mistral_ft.checkpoints.convert import ConversionError, convert_checkpoint
+    from mistral_ft.convert import main
 
     sd = _original_state(PARAMS)
     del sd["layers.1.feed_forward.w3.weight"]
@@ -180,7 +181,7 @@ def test_mha_to_gqa_shapes_and_exact_for_identical_heads():
     from conftest import make_ours
 
     from mistral_ft import MistralForCausalLM
-    from mistral_ft.convert import mha_to_gqa
+    from mistral_ft.checkpoints.convert import mha_to_gqa
 
     w = torch.randn(4 * 8, 32)
     assert mha_to_gqa(w, 4, 2).shape == (2 * 8, 32)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistral_ft.distributed import GiB, estimate_memory, read_sharded_checkpoint
+from mistral_ft.distributed.checkpoint import read_sharded_checkpoint
+from mistral_ft.training.memory import GiB, estimate_memory
 from mistral_ft.train import main
 
 STEPS = 4
@@ -77,7 +78,7 @@ def test_fsdp_checkpoint_holds_each_ranks_half_of_every_sharded_weight(fsdp_run)
 
     ckpt = fsdp_run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "__0_0.distcp").is_file() and (ckpt / "__1_0.distcp").is_file()
-    from mistral_ft.reliability import newest_checkpoint
+    from mistral_ft.runs import newest_checkpoint
 
     assert newest_checkpoint(fsdp_run) == fsdp_run / "checkpoints" / f"step-{STEPS:06d}.ckpt"  # resume=auto finds folders
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
@@ -95,7 +96,7 @@ def test_fsdp_checkpoint_holds_each_ranks_half_of_every_sharded_weight(fsdp_run)
 def test_export_from_the_sharded_run_equals_export_of_the_same_weights_saved_whole(fsdp_run, tmp_path):
     from safetensors.torch import load_file
 
-    from mistral_ft.export import export
+    from mistral_ft.checkpoints.export import export
 
     # the same run with its last checkpoint rewritten as one plain file (what a single process saves)
     plain = tmp_path / "plain"
@@ -198,7 +199,7 @@ def test_memory_plan_warns_when_it_cannot_fit(caplog):
 
     from torch import nn
 
-    from mistral_ft.distributed import log_memory_plan
+    from mistral_ft.training.memory import log_memory_plan
 
     model = nn.Module()
     model.config = SimpleNamespace(hidden_size=4096, num_hidden_layers=32)

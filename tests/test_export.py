@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistral_ft.export import CHECK_TEXT, main as export_main
+from mistral_ft.checkpoints.export import CHECK_TEXT
+from mistral_ft.export import main as export_main
 from mistral_ft.train import main as train_main
 
 torch.set_num_threads(1)  # tiny matrices: one intra-op thread is faster on the shared machine
@@ -100,7 +101,7 @@ def test_merged_equals_base_plus_adapter(kind, runs, exported, capsys):
     assert (merged - peft_hf).abs().max() < 1e-5
     assert (merged - ours).abs().max() < 1e-5
     if kind == "qlora":  # the gap to the NF4 model it trained with: reported, not asserted
-        from mistral_ft.adapters import apply_peft
+        from mistral_ft.adapters.lora import apply_peft
 
         nf4 = apply_peft(MistralForCausalLM.from_pretrained(base), {"method": "qlora", "r": 16, "alpha": 32,
                          "target_modules": cfg["target_modules"]})
@@ -116,8 +117,8 @@ def test_merged_equals_base_plus_adapter(kind, runs, exported, capsys):
 
 def test_qlora_trains_on_4bit_layers(runs):
     from mistral_ft import MistralForCausalLM
-    from mistral_ft.adapters import apply_peft
-    from mistral_ft.quantize import count_4bit_layers
+    from mistral_ft.adapters.lora import apply_peft
+    from mistral_ft.adapters.quantize import count_4bit_layers
 
     model = apply_peft(MistralForCausalLM.from_pretrained(_base(runs["qlora"])),
                        {"method": "qlora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "lm_head"]})
@@ -225,7 +226,7 @@ def test_auto_tokenizer_gives_our_ids_and_chat_template(exported):
 
 # ---- safety ---------------------------------------------------------------------------------------
 def test_interrupted_export_leaves_no_folder(runs, tmp_path, monkeypatch):
-    import mistral_ft.merge as merge
+    import mistral_ft.adapters.merge as merge
 
     real, calls = merge.merged_weight, []
 
@@ -250,7 +251,7 @@ def test_sigkilled_export_leaves_nothing_that_loads(runs, tmp_path):
 
     script = (
         "import os, signal, sys\n"
-        "import mistral_ft.merge as merge\n"
+        "import mistral_ft.adapters.merge as merge\n"
         "from mistral_ft.export import main\n"
         "real, calls = merge.merged_weight, []\n"
         "def dying(*a, **k):\n"
@@ -326,7 +327,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(runs, tmp_path, c
 
 # ---- recipes -------------------------------------------------------------------------------------
 def test_new_recipes_target_7b_and_specialize_on_tiny():
-    from mistral_ft.train import compose_config
+    from mistral_ft.training.compose import compose_config
 
     qlora = compose_config(["recipe=instruct_qlora"])
     assert qlora["model"]["path"] == "mistralai/Mistral-7B-Instruct-v0.1" and qlora["peft"]["method"] == "qlora"

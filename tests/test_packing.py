@@ -74,7 +74,7 @@ def test_packed_losses_and_lora_gradients_equal_unpacked():
 
 
 def test_attention_auto_picks_sdpa_on_cpu():
-    from mistral_ft.train import resolve_attn_implementation
+    from mistral_ft.model.attention import resolve_attn_implementation
 
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
     assert resolve_attn_implementation("eager", "cpu") == "eager"

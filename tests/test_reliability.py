@@ -23,13 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistral_ft.reliability import (
-    AtomicCheckpointIO,
-    CheckpointReadError,
-    atomic_write_bytes,
-    newest_checkpoint,
-    read_checkpoint,
-)
+from mistral_ft.fs import atomic_write_bytes
+from mistral_ft.runs import CheckpointReadError, newest_checkpoint, read_checkpoint
+from mistral_ft.training.reliability import AtomicCheckpointIO
 from mistral_ft.train import main
 
 STEPS = 8

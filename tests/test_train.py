@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mistral_ft.train import compose_config, main
+from mistral_ft.train import main
+from mistral_ft.training.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -184,7 +185,7 @@ TRAIN_CFG = {"optimizer": {"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "bet
 def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, torch.Tensor]:
     import lightning as L
 
-    from mistral_ft.tasks import CausalLMTask
+    from mistral_ft.training.tasks import CausalLMTask
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -341,7 +342,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 # ---- small pieces -------------------------------------------------------------------------------
 def test_lr_schedule_shapes():
-    from mistral_ft.tasks import lr_factor
+    from mistral_ft.training.tasks import lr_factor
 
     cos = [lr_factor(s, warmup_steps=4, total_steps=20, kind="cosine", min_lr_ratio=0.1) for s in range(21)]
     assert cos[0] == pytest.approx(0.25) and cos[3] == pytest.approx(1.0)
@@ -353,7 +354,7 @@ def test_lr_schedule_shapes():
 def test_classification_losses_match_transformers_rules():
     import torch.nn.functional as F
 
-    from mistral_ft.tasks import classification_loss_sum
+    from mistral_ft.training.tasks import classification_loss_sum
 
     logits = torch.randn(4, 3)
     labels = torch.tensor([0, 2, -100, 1])
@@ -368,7 +369,7 @@ def test_classification_losses_match_transformers_rules():
 
 
 def test_apply_peft_targets_and_head():
-    from mistral_ft.adapters import apply_peft
+    from mistral_ft.adapters.lora import apply_peft
     from mistral_ft.model import MistralConfig, MistralForSequenceClassification
 
     cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -390,7 +391,7 @@ import sys, torch, lightning as L
 from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
 from test_train import TRAIN_CFG, _tiny_lm, _token_batches
-from mistral_ft.tasks import CausalLMTask
+from mistral_ft.training.tasks import CausalLMTask
 
 micro, _ = _token_batches()
 class Capture(L.Callback):

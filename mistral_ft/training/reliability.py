@@ -36,51 +36,22 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mistral_ft.errors import TrainingStopped
+from mistral_ft.fs import atomic_write_bytes
+from mistral_ft.runs import read_checkpoint
+
 log = logging.getLogger("mistral_ft.reliability")
 
 KILL_ENV = "MISTRAL_FT_TEST_KILL"
 NAN_ENV = "MISTRAL_FT_TEST_NAN"
 OOM_ENV = "MISTRAL_FT_TEST_OOM"
-TMP_MARK = ".tmp-"
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped for a reason the message explains (exit 1, no traceback): see subclasses."""
 
 
 class NonFiniteError(TrainingStopped):
     """Training stopped at a step whose loss or gradients were NaN/inf (message: step, batches, what)."""
 
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file that cannot be read (truncated, corrupt, or not a checkpoint)."""
-
-
 # ---- atomic writes ----------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
-
-    temp file in the same folder (same file system: the rename is atomic) -> fsync -> os.replace ->
-    fsync of the folder (so the rename itself survives a power cut).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            if _kill_halfway:  # test hook: die with half the bytes on disk
-                fh.write(data[: len(data) // 2])
-                fh.flush()
-                os.fsync(fh.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
@@ -96,19 +67,6 @@ def write_checkpoint_bytes(path: Path, data: bytes) -> None:
     global _checkpoint_writes
     _checkpoint_writes += 1
     atomic_write_bytes(path, data, _kill_halfway=_checkpoint_writes == _hook_value(KILL_ENV, "ckpt_write"))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems (and Windows) cannot open a folder: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -130,49 +88,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(Path(path), map_location=map_location)
 
 
-def read_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """`torch.load(weights_only=True)` with a one-line error for a truncated or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointReadError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "unusable file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointReadError(f"{path}: not a readable checkpoint (truncated, corrupt, or it holds code "
-                                  f"that weights_only=True refuses): {first[:200]}") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointReadError(f"{path}: not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
-
-
 # ---- resume=auto -------------------------------------------------------------------------------------
-def newest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The complete checkpoint of `run_dir/checkpoints` with the highest global step, or None.
-
-    Complete = `torch.load(weights_only=True, mmap=True)` opens it (mmap: tensors are not read, so this
-    is cheap even for a full 7B checkpoint) and it has a `global_step`. Temporary files of a killed
-    write (`.NAME.tmp-PID`) are never candidates. On a tie, step-N.ckpt wins over last.ckpt (same state).
-    """
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    best: Optional[tuple[int, int, Path]] = None
-    for path in folder.glob("*.ckpt"):
-        if path.name.startswith(".") or TMP_MARK in path.name:
-            continue
-        try:
-            # strategy=fsdp: a folder of per-rank shards; rank 0 writes meta.pt (with the step) after all shards
-            step = read_checkpoint(path / "meta.pt" if path.is_dir() else path, mmap=True).get("global_step")
-        except CheckpointReadError as err:
-            log.warning("resume=auto: skipping %s", err)
-            continue
-        if not isinstance(step, int):
-            continue
-        key = (step, 0 if path.name == "last.ckpt" else 1, path)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
 
 
 # ---- non-finite steps --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from mistral_ft.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask
+from mistral_ft.training.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 

@@ -52,33 +52,46 @@ def apply_peft(model: nn.Module, cfg: Mapping[str, Any], task: str = "causal_lm"
             p.requires_grad_(True)
         return model
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    r = int(cfg.get("r", 16))
-    if r < 1:
-        raise ValueError(f"peft.r: the LoRA rank must be >= 1, got {r}")
     targets = list(cfg.get("target_modules") or DEFAULT_TARGET_MODULES)
     _check_targets(model, targets)
-    to_save = list(cfg.get("modules_to_save") or [])
-    if task == "classification" and "score" not in to_save:
-        to_save.append("score")
-    _check_to_save(model, to_save)
+    lora = lora_config(cfg, task)
+    _check_to_save(model, lora.modules_to_save or [])
     if method == "qlora":
-        from mistral_ft.quantize import quantize_4bit
+        from mistral_ft.adapters.quantize import quantize_4bit
 
         quantize_4bit(model, quant_type=str(cfg.get("quant_type", "nf4")), double_quant=bool(cfg.get("double_quant", True)),
                       compute_dtype=str(cfg.get("compute_dtype", "auto")), device=device)
-    lora = LoraConfig(
+    return get_peft_model(model, lora)
+
+
+def lora_config(cfg: Mapping[str, Any], task: str) -> Any:
+    """The peft `LoraConfig` of a `peft:` config group: what training applies and what export writes as
+    adapter_config.json for a checkpoint-only run (one builder, so the two cannot drift).
+
+    The rank has no default here: it comes from conf/peft/*.yaml (or the caller's dict).
+    """
+    from peft import LoraConfig
+
+    if cfg.get("r") is None:
+        raise ValueError("peft.r: the LoRA rank is required (conf/peft/*.yaml sets it)")
+    r = int(cfg["r"])
+    if r < 1:
+        raise ValueError(f"peft.r: the LoRA rank must be >= 1, got {r}")
+    to_save = list(cfg.get("modules_to_save") or [])
+    if task == "classification" and "score" not in to_save:
+        to_save.append("score")
+    return LoraConfig(
         r=r,
         lora_alpha=float(cfg.get("alpha", 2 * r)),
         lora_dropout=float(cfg.get("dropout", 0.0)),
-        target_modules=targets,
+        target_modules=list(cfg.get("target_modules") or DEFAULT_TARGET_MODULES),
         bias="none",
         task_type=TASK_TYPES[task],
         modules_to_save=to_save or None,
-        use_dora=method == "dora" or bool(cfg.get("use_dora", False)),
+        use_dora=cfg.get("method") == "dora" or bool(cfg.get("use_dora", False)),
     )
-    return get_peft_model(model, lora)
 
 
 def _check_targets(model: nn.Module, targets: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mistral_ft.tasks.base import IGNORE_INDEX, FineTuneTask
+from mistral_ft.training.tasks.base import IGNORE_INDEX, FineTuneTask
 
 
 def count_targets(labels: torch.Tensor) -> int:

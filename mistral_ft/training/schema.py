@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, bad value or combination."""
+from mistral_ft.errors import ConfigError
+from mistral_ft.training.registry import LOGGERS, STRATEGIES
 
 
 @dataclasses.dataclass
@@ -119,8 +119,8 @@ CHOICES = {
     "peft.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "optimizer.name": ("adamw", "adamw8bit"),
     "scheduler.name": ("cosine", "constant"),
-    "strategy.name": ("auto", "ddp", "fsdp"),
-    "logger.name": ("csv", "wandb", "tensorboard"),
+    "strategy.name": tuple(STRATEGIES),
+    "logger.name": tuple(LOGGERS),
 }
 # Trainer arguments that mistral_ft builds itself (from the logger / strategy groups and the run folder).
 MANAGED_TRAINER_KEYS = ("logger", "callbacks", "strategy", "default_root_dir", "enable_checkpointing", "plugins")

@@ -36,74 +36,9 @@ import torch
 log = logging.getLogger("mistral_ft.merge")
 
 PREFIX = "base_model.model."
-BASE_RECORD = "base_model.json"
-_SAMPLES = 16  # blocks hashed per file: a cheap fingerprint that any re-save or fine-tune changes
-_BLOCK = 1 << 16
-
-
-class ExportError(ValueError):
-    """Input that cannot be exported as asked; the message names the file, key and value at fault."""
 
 
 # ---- the base a run trained on --------------------------------------------------------------------
-def fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
-    """{file: {size, sha256}} for config.json and each *.safetensors of a model folder.
-
-    The hash covers the whole safetensors header (names, dtypes, shapes) and 16 evenly spaced 64 KiB
-    blocks of the data, not every byte: hashing 14.5 GB would add a minute to every training start,
-    while any re-save, conversion or fine-tune of the weights changes the sampled blocks.
-    """
-    folder = Path(folder)
-    out: dict[str, Any] = {}
-    for path in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
-        if not path.is_file():
-            continue
-        size = path.stat().st_size
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            if path.suffix == ".safetensors":
-                n = int.from_bytes(f.read(8), "little")
-                h.update(f.read(min(n, size)))
-                for i in range(_SAMPLES):
-                    f.seek(8 + n + (size - 8 - n) * i // _SAMPLES)
-                    h.update(f.read(_BLOCK))
-            else:
-                h.update(f.read())
-        out[path.name] = {"size": size, "sha256": h.hexdigest()}
-    return out
-
-
-def record_base(run_dir: str | os.PathLike, model_path: str | os.PathLike, model_cfg: Mapping[str, Any]) -> None:
-    """Write `<run>/base_model.json`: where the base weights were and their fingerprint.
-
-    Export reads it to refuse a base that moved or changed since training (the adapter would merge into
-    other weights). On resume an existing record is kept: it describes the weights the run started from.
-    """
-    path = Path(run_dir) / BASE_RECORD
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") != fingerprint(model_path):
-            log.warning("the base weights at %s differ from the ones this run started from (%s)", model_path, path)
-        return
-    record = {"path": str(Path(model_path).resolve()), "source": model_cfg.get("path"),
-              "fingerprint": fingerprint(model_path)}
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def check_base(record: Mapping[str, Any], folder: Path, where: Path) -> None:
-    """Raise ExportError when `folder`'s weights are not the ones `record` (from `where`) describes."""
-    want = record.get("fingerprint") or {}
-    have = fingerprint(folder)
-    if set(want) != set(have):
-        raise ExportError(f"base weights at {folder} have files {sorted(have)}, but the run trained on "
-                          f"{sorted(want)} ({where}); pass base=PATH to the original weights")
-    for name in want:
-        if want[name] != have[name]:
-            raise ExportError(
-                f"base weights changed since training: {folder / name} has size {have[name]['size']} and "
-                f"fingerprint {have[name]['sha256'][:12]}, the run recorded size {want[name]['size']} and "
-                f"{want[name]['sha256'][:12]} ({where}); the adapter would merge into other weights. "
-                "Pass base=PATH to the weights the run trained on.")
 
 
 # ---- adapters -------------------------------------------------------------------------------------
@@ -178,7 +113,7 @@ def merge_shards(base: Path, out: Path, *, lora: Mapping[str, Mapping[str, torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mistral_ft.model.weights import INDEX_NAME, WEIGHTS_NAME, _shard_map
+    from mistral_ft.model.weights import INDEX_NAME, WEIGHTS_NAME, shard_map
 
     used: set[str] = set()
     written: list[tuple[str, list[str]]] = []
@@ -202,7 +137,7 @@ def merge_shards(base: Path, out: Path, *, lora: Mapping[str, Mapping[str, torch
             pending.clear()
             sizes["pending"] = 0
 
-    for shard in _shard_map(base):
+    for shard in shard_map(base):
         with safe_open(str(base / shard), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if drop(key):

@@ -35,12 +35,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from mistral_ft.reliability import check_nonfinite, grad_probe
+from mistral_ft.errors import UserError
+from mistral_ft.training.reliability import check_nonfinite, grad_probe
 
 IGNORE_INDEX = -100
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint whose trainable weights do not match this run's (e.g. another peft config)."""
 
 
@@ -90,7 +91,7 @@ class FineTuneTask(L.LightningModule):
         `self.device_mesh` set, after peft was applied); a no-op for the other strategies."""
         strategy = self.cfg.get("strategy") or {}
         if strategy.get("name") == "fsdp":
-            from mistral_ft.distributed import shard_task_model
+            from mistral_ft.distributed.fsdp import shard_task_model
 
             shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
 
