@@ -163,7 +163,7 @@ def test_script_runs_as_the_seed_documents(tmp_path, monkeypatch, capsys):
 
     sd = _original_state(PARAMS)
     src = _write_original(tmp_path / "orig", PARAMS, sd)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_mistral_weights_to_hf.py"
+    script = Path(__file__).resolve().parents[3] / "scripts" / "convert_mistral_weights_to_hf.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--input_dir", str(src), "--output_dir", str(tmp_path / "hf"),
                                       "--model_size", "7B"])
     with pytest.raises(SystemExit) as exit_info:

@@ -19,7 +19,7 @@ from mistral_ft.train import main
 from mistral_ft.training.compose import available, compose_config, config_dir
 from mistral_ft.training.schema import ConfigError, Sources, strip_secrets, validate_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 GROUPS = ("model", "data", "peft", "optimizer", "scheduler", "strategy", "trainer", "logger")
 RECIPE_DATA = {"instruct_lora": ("instruct_tiny", "jsonl"), "classify": ("classify_tiny", "jsonl")}
 

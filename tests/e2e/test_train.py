@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from mistral_ft.train import main
 from mistral_ft.training.compose import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 INSTRUCT_STEPS = 20
 CLASSIFY_STEPS = 40

@@ -230,7 +230,7 @@ def test_no_unsafe_loading_in_the_code_base():
     """Every torch.load reads weights only; nothing asks for remote code; no pickle.load of files."""
     import re
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for path in [*repo.glob("mistral_ft/**/*.py"), *repo.glob("scripts/**/*.py")]:
         text = path.read_text(encoding="utf-8")
         for m in re.finditer(r"torch\.load\((?:[^()]|\([^()]*\))*\)", text):

@@ -22,7 +22,7 @@ from mistral_ft import generate as generate_cli
 from mistral_ft import train as train_cli
 from mistral_ft import validate as validate_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 INSTRUCT = ["recipe=instruct_lora", "model=tiny", "data.validation_file=null", *QUIET]
