@@ -189,10 +189,31 @@ class MistralCommonTokenizer(BatchCalls):
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
         ids = self._check_ids(ids, "decode")
-        policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self._special]
-        return self._raw.decode(ids, special_token_policy=policy)
+            return self._raw.decode([i for i in ids if i not in self._special],
+                                    special_token_policy=SpecialTokenPolicy.IGNORE)
+        # Special tokens as their text between decoded runs of ordinary tokens. mistral_common's KEEP
+        # policy renders sentencepiece pieces raw ("▁Yo"); a run after the start keeps its leading
+        # space (only the first piece of the text loses the dummy prefix, as in v1's decode).
+        parts: list[str] = []
+        run: list[int] = []
+
+        def close_run() -> None:
+            if run:
+                text = self._raw.decode(run, special_token_policy=SpecialTokenPolicy.IGNORE)
+                if parts and self.kind.family == "sentencepiece" and self._raw.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                parts.append(text)
+                run.clear()
+
+        for token_id in ids:
+            if token_id in self._special:
+                close_run()
+                parts.append(self._raw.id_to_piece(token_id))
+            else:
+                run.append(token_id)
+        close_run()
+        return "".join(parts)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         """A fresh ``IncrementalDecoder`` (one per generated sequence)."""
