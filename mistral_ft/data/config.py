@@ -16,6 +16,7 @@ from mistral_ft.data.errors import DataError
 CAUSAL_FORMATS = ("text", "alpaca", "messages")
 SEQUENCE_FORMATS = ("classification", "regression")
 FORMATS = CAUSAL_FORMATS + SEQUENCE_FORMATS
+TRAIN_ON = ("all", "last")
 
 
 @dataclasses.dataclass
@@ -40,6 +41,10 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    tools_field: str = "tools"
+    # Which assistant turns of a messages row are trained: "all" (those without weight 0) or "last"
+    # (only the final one: mistral-finetune's rule for tool rows, whose earlier turns are context).
+    train_on: str = "all"
     label_field: str = "label"
     # Classification label names in id order; None = sorted names found in the train split.
     labels: Optional[list[str]] = None
@@ -78,6 +83,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Check value ranges and combinations that would otherwise fail deep inside training."""
+        if self.train_on not in TRAIN_ON:
+            raise DataError(f"data config: field 'train_on': {self.train_on!r} is not one of {list(TRAIN_ON)}")
         if self.format not in FORMATS:
             raise DataError(f"data config: field 'format': {self.format!r} is not one of {list(FORMATS)}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
