@@ -120,7 +120,7 @@ def _main(args: list[str]) -> int:
     model_path = model_folder(c["model"])
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
     problems: list[str] = []
-    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path, bool(c["model"].get("allow_vocab_mismatch")))
     if vocab_problem:
         problems.append(vocab_problem)
 

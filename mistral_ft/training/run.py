@@ -70,7 +70,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     # hub id -> local folder first (fetched once, or found in the hub cache): the tokenizer lives there too
     model_path = model_folder(c["model"])
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
-    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path, bool(c["model"].get("allow_vocab_mismatch")))
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
     data_cfg = dict(c["data"])
@@ -232,13 +232,37 @@ def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: A
     return str(folder)
 
 
-def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path) -> Optional[str]:
-    """A problem string when the tokenizer can produce ids the model has no embedding row for."""
+# Padded embeddings: checkpoints round vocab_size up (to a multiple of 64..1024) past the tokenizer's
+# count; a smaller gap than this is padding, a larger one a different tokenizer (v3's 32768 on Nemo's 131072).
+VOCAB_PADDING_LIMIT = 1024
+
+
+def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path, allow_mismatch: bool = False) -> Optional[str]:
+    """A problem string when the tokenizer and the model's embedding do not belong together.
+
+    More tokens than ``vocab_size``: ids with no embedding row (a CUDA device assert mid-training), always
+    an error. Fewer: fine when the gap is below ``VOCAB_PADDING_LIMIT`` (padded embeddings), else almost
+    surely the wrong tokenizer for the model (it trains, silently, on ids the model never learned);
+    ``model.allow_vocab_mismatch=true`` accepts it on purpose.
+    """
     config = Path(model_path) / "config.json"
     try:
         vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
     except (OSError, KeyError, ValueError, TypeError):
         return None  # from_pretrained reports a missing or broken config.json with its own message
+    name = getattr(getattr(tokenizer, "kind", None), "name", "v1")
+    source = getattr(tokenizer, "model_file", "the tokenizer")
+    if tokenizer.vocab_size > vocab:
+        return (f"model.tokenizer: the tokenizer ({source}, {name}) has {tokenizer.vocab_size} tokens but the model at "
+                f"{model_path} has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the "
+                "model's own tokenizer (model.tokenizer=null) or a model with a matching vocabulary")
+    gap = vocab - tokenizer.vocab_size
+    if gap >= VOCAB_PADDING_LIMIT and not allow_mismatch:
+        return (f"model.tokenizer: the tokenizer ({source}, {name}) has {tokenizer.vocab_size} tokens but the model at "
+                f"{model_path} has vocab_size {vocab} ({config}), {gap} more: more than embedding padding "
+                f"(< {VOCAB_PADDING_LIMIT}), so probably another model's tokenizer. Use the model's own tokenizer "
+                "(model.tokenizer=null), or set model.allow_vocab_mismatch=true if this pairing is intended")
+    return None  # from_pretrained reports a missing or broken config.json with its own message
     if tokenizer.vocab_size > vocab:
         return (f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} tokens but the model at {model_path} "
                 f"has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the model's own "

@@ -29,6 +29,7 @@ class ModelSchema:
     name: str
     path: Optional[str] = None
     tokenizer: Optional[str] = None
+    allow_vocab_mismatch: bool = False  # accept a tokenizer >= 1024 tokens smaller than the model's vocab_size
     dtype: str = "float32"
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
