@@ -43,6 +43,7 @@ from mistral_ft.model.hub import is_hub_id
 from mistral_ft.model.weights import save_state_dict
 from mistral_ft.runs import BASE_RECORD, check_base, model_folder
 from mistral_ft.tokenizer import MistralTokenizer
+from mistral_ft.tokenizer.files import find_in_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 CHECK_TEXT = "Export self-check: the quick brown fox jumps over 13 lazy dogs.\n  def f(x): return x * 2  # ok"
@@ -295,7 +296,7 @@ def _tokenizer(run: Run, base_folder: Optional[Path]) -> Any:
     candidates = [Path(configured)] if configured else []
     candidates += [run.dir / "adapter", run.dir / "model"] + ([base_folder] if base_folder else [])
     for folder in candidates:
-        if (folder / "tokenizer.model").is_file():
+        if folder.is_file() or (folder.is_dir() and find_in_folder(folder) is not None):
             return MistralTokenizer.from_pretrained(str(folder))
     return MistralTokenizer.from_pretrained(None)
 

@@ -29,6 +29,7 @@ byte-fallback encoding never produces (as in v1). Pad is never EOS (that would h
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -221,6 +222,30 @@ class MistralCommonTokenizer(BatchCalls):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._raw.id_to_piece(self._check_ids([token_id], "id_to_piece")[0])
+
+    # ------------------------------------------------------------------ save
+
+    def save_pretrained(self, folder: str | os.PathLike) -> list[Path]:
+        """Write the tokenizer file byte for byte, under the name its version is read from
+        (``tokenizer.model.v3``, ``tekken.json``: mistral_common and transformers take the version from
+        the name, so a v3 file saved as plain ``tokenizer.model`` would read back as v1), and a
+        ``tokenizer_config.json`` whose ``tokenizer_class`` makes transformers' ``AutoTokenizer`` build
+        its mistral_common-backed tokenizer (``MistralCommonBackend``, transformers >= 5).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / self.kind.canonical_file_name
+        if not target.exists() or not target.samefile(self.model_file):
+            shutil.copyfile(self.model_file, target)
+        config = {
+            "tokenizer_class": "MistralCommonBackend",
+            "padding_side": self.padding_side,
+            "model_max_length": self.model_max_length,
+            "mistral_ft_tokenizer_version": self.kind.name,
+        }
+        config_file = folder / "tokenizer_config.json"
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return [target, config_file]
 
     # ------------------------------------------------------------------ chat
 

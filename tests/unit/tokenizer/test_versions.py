@@ -311,3 +311,24 @@ def test_unknown_and_unsupported_files(tmp_path: Path) -> None:
     with pytest.raises(TokenizerFileError, match=r"Tekken version 'v13'.*future/tekken.json|future/tekken.json.*v13"):
         MistralTokenizer.from_pretrained(future.parent)
     assert issubclass(TokenizerFileError, UserError)
+
+
+# ---------------------------------------------------------------- save, and transformers reading it back
+
+
+@pytest.mark.parametrize("name", ["v3", "v7"])
+def test_save_pretrained_writes_the_file_as_it_came_for_transformers(name: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    ours = loaded(name)[0]
+    written = ours.save_pretrained(tmp_path)
+    assert written[0].name == f"tokenizer.model.{name}"
+    assert written[0].read_bytes() == (DATA / FILES[name]).read_bytes()
+    assert MistralTokenizer.from_pretrained(tmp_path).kind.name == name
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), mode="finetuning")
+    assert type(hf).__name__ == "MistralCommonBackend"
+    messages = PLAIN[3][0]
+    theirs = hf.apply_chat_template(messages, tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    assert list(theirs) == ours.encode_chat(messages)[0]
+    assert hf.encode("Hello world", add_special_tokens=False) == ours.encode("Hello world", add_bos=False)
