@@ -1,5 +1,5 @@
-"""End-to-end: a tiny v0.3-shaped model (vocab 32768) with the v3 tokenizer trains on tool-call rows; the run
-folder keeps the tokenizer as it came; a v3 tokenizer on a Nemo-sized model is refused (exit 2)."""
+"""End-to-end: tiny v0.3-shaped (v3 tokenizer) and Nemo-shaped (Tekken) models train on tool-call rows, export,
+and transformers reproduces the training ids; a v3 tokenizer on a Nemo-sized model is refused (exit 2)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,15 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Doha", "Bern", "Rabat"]
 
 
-def _model(tmp_path: Path, vocab_size: int) -> Path:
+V3 = "mistral_instruct_tokenizer_240323.model.v3"
+TEKKEN = "tekken_240718.json"
+
+
+def _model(tmp_path: Path, vocab_size: int, tokenizer_file: str = V3) -> Path:
     folder = build_tiny(tmp_path / f"tiny_{vocab_size}", overrides={"vocab_size": vocab_size})
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
-    MistralTokenizer.from_pretrained(DATA / "mistral_instruct_tokenizer_240323.model.v3").save_pretrained(folder)
+    MistralTokenizer.from_pretrained(DATA / tokenizer_file).save_pretrained(folder)
     return folder
 
 
@@ -43,8 +47,11 @@ def _rows(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_v3_tool_rows_train_and_loss_falls(tmp_path: Path) -> None:
-    folder = _model(tmp_path, 32768)
+@pytest.mark.parametrize("tokenizer_file, vocab_size, saved_name", [(V3, 32768, "tokenizer.model.v3"),
+                                                                    (TEKKEN, 131072, "tekken.json")])
+def test_tool_rows_train_export_and_transformers_ids(tmp_path: Path, tokenizer_file, vocab_size, saved_name) -> None:
+    """v0.3-shaped model + v3 tokenizer, Nemo-shaped (vocab 131072) + Tekken: train, export, reload."""
+    folder = _model(tmp_path, vocab_size, tokenizer_file)
     run = tmp_path / "run"
     rc = main(["recipe=instruct_lora", "model=tiny", f"model.path={folder}", "data=jsonl",
                f"data.train_file={_rows(tmp_path / 'tools.jsonl')}", "data.max_length=512", "data.batch_size=4",
@@ -52,8 +59,26 @@ def test_v3_tool_rows_train_and_loss_falls(tmp_path: Path) -> None:
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_loss_last"] <= 0.9 * summary["train_loss_first"], summary
-    saved = sorted(p.relative_to(run).as_posix() for p in run.rglob("tokenizer.model*"))
-    assert saved and all(p.endswith("tokenizer.model.v3") for p in saved), saved
+    saved = sorted(p.relative_to(run).as_posix() for p in run.rglob(saved_name))
+    assert saved and not list(run.rglob("tokenizer.model")), saved
+
+    # Export: the merged folder carries the tokenizer as it came, and transformers' AutoTokenizer gives the
+    # ids we trained on (its mistral_common-backed tokenizer in finetuning mode).
+    from transformers import AutoTokenizer
+
+    from mistral_ft.export import main as export_main
+
+    out = tmp_path / "export"
+    assert export_main([f"run_dir={run}", f"output_dir={out}"]) == 0
+    merged = next(p.parent for p in out.rglob("config.json") if (p.parent / "model.safetensors").is_file()
+                  or any(p.parent.glob("model*.safetensors")))
+    assert (merged / saved_name).read_bytes() == (DATA / tokenizer_file).read_bytes()
+    hf = AutoTokenizer.from_pretrained(str(merged), mode="finetuning")
+    assert type(hf).__name__ == "MistralCommonBackend"
+    row = json.loads((tmp_path / "tools.jsonl").read_text().splitlines()[0])
+    ours, _ = MistralTokenizer.from_pretrained(merged).encode_chat(row["messages"], tools=row["tools"])
+    theirs = hf.apply_chat_template(row["messages"], tools=row["tools"], tokenize=True)
+    assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
 
 
 def test_v3_tokenizer_on_a_nemo_sized_model_exits_2(tmp_path: Path, capsys) -> None:
