@@ -233,7 +233,7 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_size: int | str 
     try:
         save_state_dict(state, tmp, max_shard_size)
         cfg = config.to_dict()
-        cfg["architectures"] = [type(model).__name__]
+        cfg["architectures"] = [config.architecture_name(type(model).__name__)]
         cfg["torch_dtype"] = _dtype_name(next(iter(state.values())).dtype) if state else "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
