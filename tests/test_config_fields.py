@@ -142,3 +142,114 @@ def test_bad_layer_types_refused(layer_types, match):
         tiny_config(layer_types=layer_types)
     with pytest.raises(ConfigError, match="'sliding_window' is null"):
         tiny_config(layer_types=["sliding_attention", "full_attention"], sliding_window=None)
+
+
+# ------------------------------------------------------------------------------------------------ yarn RoPE
+YARN_CASES = {
+    "plain": {"factor": 4.0, "original_max_position_embeddings": 32},
+    "betas": {"factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2},
+    "attention_factor": {"factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+    "mscale": {"factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.8, "mscale_all_dim": 0.5},
+    "no_truncate": {"factor": 3.0, "original_max_position_embeddings": 24, "truncate": False},
+    "factor_null": {"factor": None, "original_max_position_embeddings": 64},
+}
+YARN_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 sliding_window=None)
+
+
+def _spelled(params, spelling, theta):
+    if spelling == "5.x":
+        return {"rope_parameters": {"rope_type": "yarn", "rope_theta": theta, **params}}
+    return {"rope_scaling": {"type": "yarn", **params}, "rope_theta": theta}
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+@pytest.mark.parametrize("case", sorted(YARN_CASES))
+def test_yarn_inv_freq_equals_transformers(case, theta):
+    """The frequencies and the cos/sin scale are bit-for-bit those of transformers 5.24's yarn."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mistral_ft.model.modeling import MistralRotaryEmbedding
+    from conftest import tiny_config
+
+    for spelling in ("5.x", "4.x"):
+        kw = {**TINY, **YARN_TINY, **_spelled(YARN_CASES[case], spelling, theta)}
+        ours = MistralRotaryEmbedding(tiny_config(**kw))
+        inv, scale = ROPE_INIT_FUNCTIONS["yarn"](transformers.MistralConfig(**kw))
+        assert torch.equal(ours._inv_freq, inv), (spelling, ours._inv_freq, inv)
+        assert ours.attention_scaling == scale
+
+
+@pytest.mark.parametrize("spelling", ["5.x", "4.x"])
+@pytest.mark.parametrize("case", ["plain", "mscale", "no_truncate"])
+def test_yarn_logits_match_transformers_past_original_length(tmp_path, case, spelling):
+    """Logits at T = 200, far past original_max_position_embeddings (16..32), read from either spelling."""
+    from mistral_ft import MistralForCausalLM
+
+    ours = make_ours(MistralForCausalLM, seed=6, **YARN_TINY, **_spelled(YARN_CASES[case], spelling, 1e6))
+    ours.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["rope_scaling"]["rope_type"] == "yarn" and cfg["rope_theta"] == 1e6  # written in the 4.x spelling
+    for key in ("rope_scaling", "rope_theta"):
+        cfg.pop(key)
+    path.write_text(json.dumps({**cfg, **_spelled(YARN_CASES[case], spelling, 1e6)}))
+    back = MistralForCausalLM.from_pretrained(tmp_path / "m")
+    theirs = _theirs(tmp_path / "m")
+    x = _ids(2, 200, seed=6)
+    a, b = back(x).logits, theirs(x).logits
+    assert torch.equal(a, ours(x).logits)
+    d = _maxdiff(a, b)
+    assert d < ATOL, d
+    default = make_ours(MistralForCausalLM, seed=6, **YARN_TINY, rope_theta=1e6)
+    assert _maxdiff(default(x).logits, b) > 1e-3  # yarn changes the numbers: this test can fail
+
+
+def test_yarn_cached_generation_equals_full_forward():
+    from mistral_ft import MistralForCausalLM
+
+    ours = make_ours(MistralForCausalLM, seed=7, **YARN_TINY, **_spelled(YARN_CASES["plain"], "5.x", 1e4))
+    x, mask = _left_padded(40, [0, 7], seed=7)
+    out = ours.generate(x, attention_mask=mask, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True,
+                        output_logits=True)
+    full_mask = torch.cat([mask, mask.new_ones(2, 10)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    ref = ours(out.sequences, attention_mask=full_mask, position_ids=pos).logits[:, 39:-1]
+    assert _maxdiff(torch.stack(out.logits, 1), ref) < ATOL
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "'rope_parameters': RoPE type 'linear'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'rope_scaling': RoPE type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'rope_scaling': RoPE type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0]}}, "RoPE type 'longrope'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+                          "low_freq_factor": 1}}, r"unsupported yarn field\(s\) \['low_freq_factor'\]"),
+    ({"rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": 8}}, "yarn needs 'factor'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": "2"}}, r"'rope_parameters.factor' must be a number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+      "rope_scaling": {"type": "yarn", "factor": 2.0}}, "both 'rope_parameters' and 'rope_scaling'"),
+    ({"rope_parameters": {"rope_type": "default", "factor": 2.0}}, "unexpected field"),
+    ({"partial_rotary_factor": 0.5}, "key 'partial_rotary_factor'"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "key 'quantization_config'.*FP8"),
+])
+def test_rope_and_quantization_fields_refused(tmp_path, rope, match):
+    from mistral_ft import MistralConfig
+    from mistral_ft.model import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, **rope}))
+    with pytest.raises(ConfigError, match=match) as e:
+        MistralConfig.from_pretrained(tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_default_rope_spellings_agree():
+    from mistral_ft import MistralConfig
+
+    a = MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    b = MistralConfig(rope_theta=1e6, rope_scaling=None)
+    c = MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_theta=5.0)  # dict wins
+    assert a.rope_theta == b.rope_theta == c.rope_theta == 1e6 and a.rope_scaling is None
+    assert "rope_scaling" not in a.to_dict() and "layer_types" not in a.to_dict()
