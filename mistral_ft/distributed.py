@@ -425,7 +425,7 @@ def materialize_rank_local(model: nn.Module, folder: str, rng_state: torch.Tenso
     import json
     import math
 
-    from mistral_ft.model.weights import _shard_map
+    from mistral_ft.model.weights import _shard_map, check_tensor_dtype, refuse_unknown_tensor
 
     model.to_empty(device=device)
     params = dict(model.named_parameters())
@@ -438,8 +438,11 @@ def materialize_rank_local(model: nn.Module, folder: str, rng_state: torch.Tenso
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
             for key, meta in header.items():
+                if key == "__metadata__" or key == "lm_head.weight" and "lm_head.weight" not in wanted:
+                    continue  # file metadata; the tied copy of the embeddings
                 if key not in wanted:
-                    continue
+                    refuse_unknown_tensor(base / shard, key, type(model).__name__)
+                check_tensor_dtype(base / shard, key, str(meta["dtype"]))
                 local, row0, rows = _local_rows(params[wanted[key]])
                 if rows:
                     _read_rows(fh, 8 + header_len, meta, row0, rows, local)

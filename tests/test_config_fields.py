@@ -253,3 +253,124 @@ def test_default_rope_spellings_agree():
     c = MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_theta=5.0)  # dict wins
     assert a.rope_theta == b.rope_theta == c.rope_theta == 1e6 and a.rope_scaling is None
     assert "rope_scaling" not in a.to_dict() and "layer_types" not in a.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ FP8 / unknown tensors
+def _saved_tiny(tmp_path):
+    from mistral_ft import MistralForCausalLM
+
+    model = make_ours(MistralForCausalLM, seed=8)
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _rewrite_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _fp8(state):
+    """What an FP8 release holds: e4m3 weights plus a per-tensor inverse scale beside each linear."""
+    for key in [k for k in state if k.endswith("_proj.weight")]:
+        w = state[key]
+        scale = w.abs().max() / 448.0
+        state[key] = (w / scale).to(torch.float8_e4m3fn)
+        state[key + "_scale_inv"] = scale.reshape(1)
+
+
+def test_fp8_config_refused_naming_the_field(tmp_path):
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.model import ConfigError
+
+    folder = _saved_tiny(tmp_path)
+    _rewrite_weights(folder, _fp8)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None, "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config.json: key 'quantization_config' is not supported.*FP8"):
+        MistralForCausalLM.from_pretrained(folder)
+
+
+def test_fp8_scale_tensors_refused_without_the_config_field(tmp_path):
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.model import CheckpointError
+
+    folder = _saved_tiny(tmp_path)
+    _rewrite_weights(folder, _fp8)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model\.layers\.\d+\.\w+\.\w+_proj"
+                                              r"\.weight(_scale_inv)?' (is a quantization scale|is stored as float8)"):
+        MistralForCausalLM.from_pretrained(folder)
+
+
+def test_fp8_weights_without_scales_refused_by_dtype(tmp_path):
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.model import CheckpointError
+
+    folder = _saved_tiny(tmp_path)
+
+    def cast(state):
+        state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+
+    _rewrite_weights(folder, cast)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' is stored as float8_e4m3fn"):
+        MistralForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key", ["model.layers.0.self_attn.q_proj.bias", "model.layers.2.mlp.up_proj.weight",
+                                 "model.layers.0.self_attn.rotary_emb.inv_freq"])
+def test_unknown_tensor_refused_never_ignored(tmp_path, key):
+    from mistral_ft import MistralForCausalLM, MistralForSequenceClassification, MistralModel
+    from mistral_ft.model import CheckpointError
+
+    folder = _saved_tiny(tmp_path)
+    _rewrite_weights(folder, lambda state: state.__setitem__(key, torch.zeros(4)))
+    for cls in (MistralForCausalLM, MistralForSequenceClassification, MistralModel):
+        with pytest.raises(CheckpointError, match=f"tensor '{key}' has no place in {cls.__name__}"):
+            cls.from_pretrained(folder)
+
+
+def test_the_other_head_is_still_skipped(tmp_path):
+    """A base checkpoint starts a classifier (lm_head skipped, score initialised), and MistralModel skips heads."""
+    from mistral_ft import MistralForSequenceClassification, MistralModel
+
+    folder = _saved_tiny(tmp_path)
+    clf = MistralForSequenceClassification.from_pretrained(folder)
+    assert clf.loading_info["unexpected"] == ["lm_head.weight"]
+    assert MistralModel.from_pretrained(folder).loading_info["unexpected"] == ["lm_head.weight"]
+
+
+def test_original_layout_folder_points_at_the_converter(tmp_path):
+    from safetensors.torch import save_file
+
+    from mistral_ft import MistralForCausalLM
+    from mistral_ft.model import CheckpointError
+
+    folder = _saved_tiny(tmp_path)
+    (folder / "model.safetensors").unlink()
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, str(folder / "consolidated.safetensors"))
+    with pytest.raises(CheckpointError, match="original-format weights.*convert_mistral_weights_to_hf.py"):
+        MistralForCausalLM.from_pretrained(folder)
+
+
+def test_rank_local_load_refuses_unknown_and_fp8_tensors(tmp_path):
+    """The FSDP rank-local reader (its own safetensors parser) applies the same two rules."""
+    from mistral_ft import MistralConfig, MistralForCausalLM
+    from mistral_ft.distributed import materialize_rank_local
+    from mistral_ft.model import CheckpointError
+
+    folder = _saved_tiny(tmp_path)
+
+    def build():
+        with torch.device("meta"):
+            return MistralForCausalLM(MistralConfig.from_pretrained(folder))
+
+    materialize_rank_local(build(), str(folder), torch.get_rng_state(), torch.device("cpu"))  # a clean load works
+    _rewrite_weights(folder, lambda state: state.__setitem__("model.extra.weight", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match="tensor 'model.extra.weight' has no place"):
+        materialize_rank_local(build(), str(folder), torch.get_rng_state(), torch.device("cpu"))
+    _rewrite_weights(folder, lambda state: (state.pop("model.extra.weight"), _fp8(state)))
+    with pytest.raises(CheckpointError, match="float8|quantization scale"):
+        materialize_rank_local(build(), str(folder), torch.get_rng_state(), torch.device("cpu"))
