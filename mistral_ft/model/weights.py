@@ -190,6 +190,13 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
         return k
 
     state, unexpected_at = read_state_dict(folder, expected, dtype, device, key_map)
+    missing = sorted(set(expected) - set(state))
+    initialised: list[str] = []
+    if missing == ["score.weight"]:
+        initialised = missing  # a new classification head on a base checkpoint
+    elif missing:
+        raise CheckpointError(f"{folder}: missing {len(missing)} tensor(s) for {cls.__name__}, e.g. '{missing[0]}'"
+                              f" (present: {len(state)})")
     # The other head of the same model is the one tensor a load may skip: lm_head when a base checkpoint starts a
     # classification model (or the tied copy of the embeddings), score/lm_head for MistralModel. Anything else is
     # refused, never ignored.
@@ -198,13 +205,6 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
         if key not in skippable:
             refuse_unknown_tensor(shard_path, key, cls.__name__)
     unexpected = [key for _, key in unexpected_at]
-    missing = sorted(set(expected) - set(state))
-    initialised: list[str] = []
-    if missing == ["score.weight"]:
-        initialised = missing  # a new classification head on a base checkpoint
-    elif missing:
-        raise CheckpointError(f"{folder}: missing {len(missing)} tensor(s) for {cls.__name__}, e.g. '{missing[0]}'"
-                              f" (present: {len(state)})")
     for name in initialised:
         t = torch.empty(expected[name], dtype=dtype, device=device)
         torch.nn.init.normal_(t, std=config.initializer_range)
