@@ -528,6 +528,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     rank_local = rank_local_load_applies(c)
     model = meta_model(c, model_path) if rank_local else \
         load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
+    model.config.check_architecture(c["model"].get("architecture"), f"model={c['model']['name']} ({model_path})")
     if c["model"].get("compile"):
         for layer in model.model.layers:  # per layer: one small graph, reused by every layer
             layer.compile()

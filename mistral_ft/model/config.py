@@ -128,6 +128,17 @@ class MistralConfig:
             self.label2id = {v: k for k, v in self.id2label.items()}
         self.rope_theta = float(self.rope_theta)
 
+    def check_architecture(self, expected: dict[str, Any] | None, where: str) -> None:
+        """Raise unless every field in ``expected`` (a conf/model entry's ``architecture``) equals this config's."""
+        for key, value in (expected or {}).items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{where}: architecture key '{key}' is not a config.json field")
+            actual = getattr(self, key)
+            if actual != value and not (isinstance(value, (int, float)) and isinstance(actual, (int, float))
+                                        and float(actual) == float(value)):
+                raise ConfigError(f"{where}: the model's config.json has {key}={actual!r}, but the model entry's "
+                                  f"architecture says {value!r}: is model.path the model this entry names?")
+
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer: ``sliding_window`` unless ``layer_types`` makes it a full layer.
 
