@@ -50,8 +50,10 @@ def test_entry_names_the_release_and_its_numbers(entry):
         assert cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size and cfg.vocab_size == 131072
 
 
+# Nemo (head_dim != hidden/heads, vocab 131072) in the default suite; the whole matrix (~1 min) is slow.
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("entry", sorted(RELEASES))
+@pytest.mark.parametrize("entry", [e if e == "nemo_12b" else pytest.param(e, marks=pytest.mark.slow)
+                                   for e in sorted(RELEASES)])
 def test_entry_composes_with_every_recipe_and_the_memory_plan_prints(entry, recipe, caplog):
     from mistral_ft.adapters import apply_peft
     from mistral_ft.distributed import GiB, log_memory_plan
@@ -61,7 +63,8 @@ def test_entry_composes_with_every_recipe_and_the_memory_plan_prints(entry, reci
     model = _meta_model(c)
     total = model.num_parameters()
     lora = dict(c["peft"], method="lora") if c["peft"]["method"] == "qlora" else c["peft"]  # same adapter shapes
-    model = apply_peft(model, lora, task=c["task"])
+    with torch.device("meta"):  # adapters on meta too: shapes only, nothing initialised
+        model = apply_peft(model, lora, task=c["task"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable <= total
     with caplog.at_level(logging.INFO, logger="mistral_ft.distributed"):
