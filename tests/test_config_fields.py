@@ -233,6 +233,9 @@ def test_yarn_cached_generation_equals_full_forward():
     ({"rope_parameters": {"rope_type": "default", "factor": 2.0}}, "unexpected field"),
     ({"partial_rotary_factor": 0.5}, "key 'partial_rotary_factor'"),
     ({"quantization_config": {"quant_method": "fp8"}}, "key 'quantization_config'.*FP8"),
+    ({"attention_bias": True}, "key 'attention_bias' is not supported"),
+    ({"mlp_bias": True}, "key 'mlp_bias' is not supported"),
+    ({"num_local_experts": 8}, "key 'num_local_experts'.*mixture-of-experts"),
 ])
 def test_rope_and_quantization_fields_refused(tmp_path, rope, match):
     from mistral_ft import MistralConfig
@@ -374,3 +377,37 @@ def test_rank_local_load_refuses_unknown_and_fp8_tensors(tmp_path):
     _rewrite_weights(folder, lambda state: (state.pop("model.extra.weight"), _fp8(state)))
     with pytest.raises(CheckpointError, match="float8|quantization scale"):
         materialize_rank_local(build(), str(folder), torch.get_rng_state(), torch.device("cpu"))
+
+
+def test_fields_of_current_release_configs_are_used_exactly():
+    """Every field of the hub config.json of 7B-v0.3 / Nemo / Small-24B / Ministral-8B-style files is either one
+    we compute (read into the config, equal to transformers' reading) or bookkeeping kept as is."""
+    import transformers
+
+    from mistral_ft import MistralConfig
+
+    nemo = {"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+            "intermediate_size": 14336, "max_position_embeddings": 1024000, "model_type": "mistral",
+            "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+            "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 131072}
+    small_5x = {**nemo, "intermediate_size": 32768, "max_position_embeddings": 32768, "dtype": "bfloat16",
+                "rope_parameters": {"rope_type": "default", "rope_theta": 100000000.0}, "pad_token_id": 11}
+    small_5x.pop("rope_theta")
+    small_5x.pop("torch_dtype")
+    ministral = {**nemo, "model_type": "ministral", "num_hidden_layers": 4, "sliding_window": 32768,
+                 "layer_types": ["sliding_attention", "full_attention"] * 2}
+    for d in (nemo, small_5x, ministral):
+        ours = MistralConfig.from_dict(d)
+        cls = transformers.MinistralConfig if d["model_type"] == "ministral" else transformers.MistralConfig
+        theirs = cls(**{k: v for k, v in d.items() if k != "model_type"})
+        for key in ("head_dim", "hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                    "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "sliding_window", "vocab_size",
+                    "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+                    "use_cache"):
+            assert getattr(ours, key) == getattr(theirs, key), (key, d["model_type"])
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+        assert ours.torch_dtype == "bfloat16" and not ours.extra
+        if d is ministral:
+            assert ours.layer_windows == [32768, None, 32768, None] and ours.layer_types == theirs.layer_types

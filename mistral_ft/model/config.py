@@ -75,6 +75,9 @@ _REFUSED_KEYS = {
     "num_local_experts": "a mixture-of-experts model (Mixtral) is not this architecture",
     "vision_config": "a vision model (Pixtral) is not this architecture",
     "text_config": "a multimodal wrapper config; point model.path at a text-only Mistral checkpoint",
+    "attention_bias": "biases on the attention projections are not part of the Mistral architecture",
+    "mlp_bias": "biases on the MLP projections are not part of the Mistral architecture",
+    "num_experts_per_tok": "a mixture-of-experts model (Mixtral) is not this architecture",
 }
 
 
@@ -106,7 +109,7 @@ class MistralConfig:
 
     def __init__(self, *, _source: str = "MistralConfig", attn_implementation: str = "sdpa", **kwargs: Any):
         for key, why in _REFUSED_KEYS.items():
-            if kwargs.get(key) is not None:
+            if kwargs.get(key) not in (None, False):  # `"attention_bias": false` is what Mistral computes
                 raise ConfigError(f"{_source}: key '{key}' is not supported: {why}")
         kwargs["rope_theta"], kwargs["rope_scaling"] = _read_rope(kwargs, _source)
         if "dtype" in kwargs:  # transformers-5 spelling
