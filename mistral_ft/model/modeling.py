@@ -88,7 +88,8 @@ class MistralRotaryEmbedding(nn.Module):
     """RoPE in HF's rotate_half layout: dims [0, hd/2) pair with [hd/2, hd).
 
     inv_freq is kept in fp32, on the CPU (even while the model is built on the meta device) and outside the state
-    dict/buffers, so ``model.to(bfloat16)`` cannot round it. With yarn (``config.rope_scaling``), inv_freq and a cos/sin scale come from :func:`yarn_inv_freq`.
+    dict/buffers, so ``model.to(bfloat16)`` cannot round it. With yarn (``config.rope_scaling``), inv_freq and a
+    cos/sin scale come from :func:`yarn_inv_freq`.
     """
 
     def __init__(self, config: MistralConfig):
@@ -96,7 +97,8 @@ class MistralRotaryEmbedding(nn.Module):
         d = config.head_dim
         self.attention_scaling = 1.0
         if config.rope_scaling is None:
-            self._inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+            exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d  # (hd/2,)
+            self._inv_freq = 1.0 / (config.rope_theta ** exponents)
         else:
             self._inv_freq, self.attention_scaling = yarn_inv_freq(d, config.rope_theta, config.rope_scaling,
                                                                    config.max_position_embeddings)
