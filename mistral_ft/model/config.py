@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mistral_ft.errors import ConfigError
+
 # name -> (default, accepted python types). Types are checked when a config is built, so a config.json
 # with `"hidden_size": "4096"` fails with the file, key and value instead of deep inside a matmul.
 _FIELDS: dict[str, tuple[Any, tuple[type, ...]]] = {
@@ -79,10 +81,6 @@ _REFUSED_KEYS = {
     "mlp_bias": "biases on the MLP projections are not part of the Mistral architecture",
     "num_experts_per_tok": "a mixture-of-experts model (Mixtral) is not this architecture",
 }
-
-
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range; the message names the source, key and value."""
 
 
 def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
