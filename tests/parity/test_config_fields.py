@@ -122,6 +122,28 @@ def test_layer_types_cached_generation_equals_full_forward_and_transformers(tmp_
     assert torch.equal(out.sequences, b)
 
 
+def test_layer_types_flex_attention_and_packing_match_sdpa():
+    """FlexAttention gets one block mask per window (forward only on CPU), and packed rows keep each layer's
+    own window: packed logits equal per-document forwards."""
+    from mistral_ft import MistralForCausalLM
+
+    m = make_ours(MistralForCausalLM, seed=9, num_hidden_layers=4, layer_types=MIXED)
+    assert [layer.self_attn.sliding_window for layer in m.model.layers] == [5, None, None, 5]
+    x = _ids(2, 30, seed=9)
+    mask = torch.ones_like(x)
+    mask[1, 24:] = 0
+    doc = torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 18, dtype=torch.long)], 1)
+    pos = torch.cat([torch.arange(12), torch.arange(18)]).expand(2, -1)
+    with torch.no_grad():
+        ref = m(x, attention_mask=mask, position_ids=pos, document_ids=doc).logits
+        m.config.attn_implementation = "flex_attention"
+        got = m(x, attention_mask=mask, position_ids=pos, document_ids=doc).logits
+        m.config.attn_implementation = "sdpa"
+        alone = m(x[:1, 12:]).logits
+    assert _maxdiff(got[mask.bool()], ref[mask.bool()]) < ATOL
+    assert _maxdiff(ref[:1, 12:], alone) < ATOL
+
+
 def test_cache_of_another_layout_is_refused():
     from mistral_ft import MistralCache, MistralForCausalLM
 
