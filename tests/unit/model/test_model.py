@@ -67,7 +67,7 @@ def test_save_sharded_and_reload_exact(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
-    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == TINY["eos_token_id"]
     r = MistralForCausalLM.from_pretrained(tmp_path)
     for (n, a), (_, b) in zip(m.state_dict().items(), r.state_dict().items()):
         assert torch.equal(a, b), n
@@ -285,6 +285,28 @@ def test_chunked_loss_equals_plain_values_and_gradients(reduction):
     assert abs(l0 - l1) < 1e-5 * max(1.0, abs(l0.item()))
     for a, b in zip(g0, g1):
         assert (a - b).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("select", [True, False], ids=["selected(cpu)", "masked-in-chunks(cuda)"])
+def test_chunked_loss_both_device_paths_mask_ignored_positions(select):
+    """The CUDA path sends every position through the head and relies on the in-chunk ignore mask; run it on
+    CPU too (select_targets=False) so a broken mask cannot hide behind the CPU's target selection."""
+    from mistral_ft.model.modeling import causal_lm_loss, chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(TINY["hidden_size"], TINY["vocab_size"], bias=False)
+    hidden = torch.randn(2, 9, TINY["hidden_size"], requires_grad=True)
+    labels = torch.randint(0, TINY["vocab_size"], (2, 9))
+    labels[0, :5] = -100  # an ignored run that spans chunk boundaries (chunk 4)
+    labels[1, 6] = -100
+    for reduction in ("mean", "sum"):
+        ref = causal_lm_loss(head(hidden), labels, reduction)
+        g_ref = torch.autograd.grad(ref, [hidden, head.weight])
+        got = chunked_causal_lm_loss(hidden, head, labels, 4, reduction, select_targets=select)
+        g_got = torch.autograd.grad(got, [hidden, head.weight])
+        assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+        for a, b in zip(g_ref, g_got):
+            assert (a - b).abs().max() < 1e-6
 
 
 def test_gradient_checkpointing_gives_same_gradients():
