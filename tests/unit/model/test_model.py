@@ -357,3 +357,27 @@ def test_chunked_loss_with_wrapped_or_frozen_head_and_no_targets():
     none = torch.full_like(x, -100)
     assert torch.isnan(m(x, labels=none, loss_chunk_size=4).loss)
     assert m(x, labels=none, loss_chunk_size=4, loss_reduction="sum").loss.item() == 0.0
+
+
+def test_rms_norm_upcasts_to_fp32_in_bf16_at_model_width():
+    """At hidden 4096 a bf16 sum of squares loses bits that fp32 keeps: ours must equal transformers' RMSNorm
+    bit for bit in bf16 (both upcast), and stay within bf16 rounding of an fp32 reference."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm as HFRMSNorm
+
+    from mistral_ft.model.modeling import MistralRMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4096) * 3 + 1).to(torch.bfloat16)
+    w = torch.rand(4096) + 0.5
+    ours, theirs = MistralRMSNorm(4096, eps=1e-5), HFRMSNorm(4096, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    with torch.no_grad():
+        got = ours(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, theirs(x))
+    xf = x.float()
+    ref = w.to(torch.bfloat16) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(got, ref)
