@@ -158,7 +158,10 @@ def test_half_precision_forward_is_finite_and_close(tmp_path, dtype):
     mask[1, :4] = 0
     ref, out = m(x, attention_mask=mask).logits, h(x, attention_mask=mask).logits
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert (out.float() - ref)[mask.bool()].abs().max() < 5e-2
+    # measured on this config over 5 inputs (logits up to ~0.94): bf16 max error 7.1e-3..1.0e-2, fp16 8.2e-4..1.1e-3;
+    # the bounds are ~2-3x the worst, so a half-precision bug (an fp32 path lost) fails them
+    bound = {torch.bfloat16: 2.5e-2, torch.float16: 3e-3}[dtype]
+    assert (out.float() - ref)[mask.bool()].abs().max() < bound
     h(x, labels=x).loss.backward()  # training works in half precision too
 
 
