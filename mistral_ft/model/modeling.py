@@ -670,7 +670,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                           reduction: str = "mean") -> torch.Tensor:
+                           reduction: str = "mean", select_targets: bool | None = None) -> torch.Tensor:
     """The same loss as :func:`causal_lm_loss`, without ever holding fp32 logits for the whole batch.
 
     * Only target positions reach the head (on CPU, where selecting them costs no device sync): prompt and
@@ -680,13 +680,15 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: tor
       checkpointed chunks instead: the wrapper's own forward runs, recomputed in backward.
     For Mistral-7B at 4 x 4096 tokens this avoids 2 GiB of fp32 logits plus as much for their gradient.
     Called inside the model's forward, so FSDP's hooks have gathered ``lm_head`` when it runs.
+    ``select_targets`` overrides the device rule (None: select on CPU only), so the CUDA path, where ignored
+    positions are masked inside the chunks, is testable on CPU.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
     targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     count = (targets != -100).sum()
-    if h.device.type == "cpu":
+    if (h.device.type == "cpu") if select_targets is None else select_targets:
         keep = (targets != -100).nonzero().squeeze(-1)
         h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     if type(lm_head) is nn.Linear and lm_head.bias is None:
