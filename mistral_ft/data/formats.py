@@ -168,6 +168,10 @@ def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[
     if fmt == "regression":
         text = _text(_field(row, cfg.text_field), cfg.text_field)
         return {"text": text, "label": _float_target(_field(row, cfg.label_field), cfg.label_field, from_csv)}
+    if fmt == "preference":
+        from mistral_ft.data.preference import normalize_pair
+
+        return normalize_pair(row, cfg, from_csv)
     raise ValueError(f"unknown format {fmt!r}")  # DataConfig.validate rules this out
 
 
