@@ -57,11 +57,11 @@ def _prompt_messages(value: Any, name: str, from_csv: bool) -> list[dict[str, An
             raise RowError(name, f"CSV cell is not a string prompt nor a JSON list of messages ({err.msg})") from None
     if not isinstance(value, list) or not value:
         raise RowError(name, f"expected a string or a non-empty list of messages, got {type(value).__name__}")
+    last = value[-1].get("role") if isinstance(value[-1], Mapping) else None
+    if last in ("assistant", "system"):
+        raise RowError(f"{name}[{len(value) - 1}].role", f"a prompt must end with a user message, got {last!r}")
     # the message checks of format "messages", on the prompt plus a placeholder answer
-    checked = _messages(list(value) + [{"role": "assistant", "content": "-"}], name, False)[:-1]
-    if checked[-1]["role"] != "user":
-        raise RowError(f"{name}[{len(value) - 1}].role", "a prompt must end with a user message")
-    return checked
+    return _messages(list(value) + [{"role": "assistant", "content": "-"}], name, False)[:-1]
 
 
 def _answer(value: Any, name: str, from_csv: bool) -> str:
