@@ -3,9 +3,10 @@
     python scripts/make_preference_data.py            # writes the two files (same bytes on every run)
     python scripts/make_preference_data.py --check    # exit 1 if the committed files differ from a fresh build
 
-chosen = the chat's correct last answer; rejected = a wrong one made by a rule per template (a sum off by
-one or more, another name, another colour, the letters reversed, the words in another order), so a tiny
-random model can learn the preference in a few dozen CPU steps. Half of the rows use the conversation shape
+chosen = the chat's correct last answer; rejected = a wrong one: every other row an unhelpful reply (one of
+a few fixed phrases: a surface signal a tiny random model learns in a few dozen CPU steps), the others a
+wrong answer in the same template (a sum off by one or more, another name, another colour, the letters or
+words in another order: a signal that needs the prompt, learnt far more slowly). Half of the rows use the conversation shape
 ({"chosen": [messages], "rejected": [messages]}), half the explicit one ({"prompt", "chosen", "rejected"},
 the prompt a string when it is a single user message), so both shapes of format "preference" are exercised.
 """
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea"]
 COLORS = ["blue", "green", "white", "black", "yellow", "red"]
+UNHELPFUL = ["I do not know.", "Sorry, I cannot help with that.", "Ask someone else."]
 
 
 def wrong(answer: str, rng: random.Random) -> str:
@@ -51,7 +53,7 @@ def pairs(source: Path, n: int, seed: int) -> list[dict]:
     for i, row in enumerate(rows):
         msgs = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]
         prompt, answer = msgs[:-1], msgs[-1]["content"]
-        bad = wrong(answer, rng)
+        bad = rng.choice(UNHELPFUL) if i % 4 in (1, 2) else wrong(answer, rng)
         if i % 2 == 0:
             out.append({"chosen": msgs, "rejected": prompt + [{"role": "assistant", "content": bad}]})
         else:

@@ -301,3 +301,71 @@ def test_collator_keeps_pairs_together_and_the_loader_counts_pairs(pairs):
         assert (chosen[:n] == -100).all() and (rejected[:n] == -100).all()
         assert chosen[chosen != -100].tolist() == pairs[i]["chosen_ids"]
         assert rejected[rejected != -100].tolist() == pairs[i]["rejected_ids"]
+
+
+# ---- the reward model and QLoRA -------------------------------------------------------------------------
+def _train(task, pairs, steps, lr, batch=8, seed=0):
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    task.train()
+    for _ in range(steps):
+        idx = torch.randint(len(pairs), (batch,), generator=g).tolist()
+        loss_sum, n, _ = task.loss_sum(PairCollator(0)([pairs[i] for i in idx]))
+        opt.zero_grad()
+        (loss_sum / n).backward()
+        opt.step()
+
+
+def _accuracy(task, ds, key):
+    task.eval()
+    with torch.no_grad():
+        _, _, (_, stats) = task.loss_sum(PairCollator(0)([ds[i] for i in range(len(ds))]))
+    return float(stats[key].mean())
+
+
+def test_reward_model_loss_by_hand_and_accuracy_rises(tiny, one_thread):
+    from mistral_ft.adapters import apply_peft
+    from mistral_ft.model import MistralForSequenceClassification
+    from mistral_ft.tasks.preference import RewardTask
+
+    path, tok = tiny
+    train, val, _ = build_pair_datasets({**DATA, "validation_file": "data/preference_val.jsonl"}, tok)
+    torch.manual_seed(0)
+    model = MistralForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = apply_peft(model, {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}, task="classification")
+    task = RewardTask(model, {})
+    batch = PairCollator(0)([train[0], train[1], train[2]])
+    loss_sum, n, (losses, stats) = task.loss_sum(batch)
+    with torch.no_grad():  # the score of each row alone, at its last token (EOS), without padding
+        scores = [float(model(input_ids=batch["input_ids"][i: i + 1, : int(batch["attention_mask"][i].sum())]).logits)
+                  for i in range(6)]
+    by_hand = sum(-torch.nn.functional.logsigmoid(torch.tensor(scores[i] - scores[i + 3])) for i in range(3))
+    assert n == 3 and abs(float(loss_sum) - float(by_hand)) < 1e-5
+    before = _accuracy(task, val, "accuracy")
+    _train(task, train, steps=30, lr=1e-3)
+    after = _accuracy(task, val, "accuracy")
+    assert after >= before + 0.15 and after >= 0.7, (before, after)
+
+
+def test_dpo_with_qlora_reference_is_the_quantized_base(tiny, pairs, one_thread):
+    from mistral_ft.adapters import apply_peft
+    from mistral_ft.model import MistralForCausalLM
+
+    model = apply_peft(MistralForCausalLM.from_pretrained(tiny[0]), {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.1},
+                       device=torch.device("cpu"))
+    task = DPOTask(model, {"preference": {"beta": 0.1}})
+    batch = PairCollator(0)([pairs[i] for i in range(3)])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ref = task.reference_logps(batch)
+    with torch.no_grad(), model.disable_adapter():
+        base = answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]).sum
+    assert torch.equal(ref, base)
+    task.train()
+    loss_sum, n, (losses, stats) = task.loss_sum(batch)
+    (loss_sum / n).backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert float(stats["reward_margin"].abs().max()) > 0  # the adapter moved the policy off the reference
