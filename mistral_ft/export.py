@@ -145,7 +145,9 @@ class Run:
 
         self.config: dict[str, Any] = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
         self.method = str(self.config.get("peft", {}).get("method", "lora"))
-        self.task = str(self.config.get("task", "causal_lm"))
+        from mistral_ft.config_schema import TASK_MODEL
+
+        self.task = TASK_MODEL.get(str(self.config.get("task", "causal_lm")), "causal_lm")  # the model it trained
         self.state: Optional[dict[str, torch.Tensor]] = None  # checkpoint weights, run-config-checked
         self.extra: dict[str, Any] = {}
         if self.ckpt is None and not self._exported_folder().is_dir():
@@ -219,7 +221,7 @@ class Run:
             summary = self.dir / "summary.json"
             if summary.is_file():
                 id2label = json.loads(summary.read_text()).get("id2label")
-        if str(self.config.get("data", {}).get("format")) == "regression":
+        if str(self.config.get("data", {}).get("format")) in ("regression", "preference"):  # + reward models
             return {"num_labels": 1, "problem_type": "regression"}
         if not id2label:
             raise ExportError(f"{self.dir}: cannot find the label names of this classification run "

@@ -536,7 +536,9 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
     rng = torch.random.get_rng_state()  # what peft draws the LoRA init from (replayed by a rank-local load)
-    model = apply_peft(model, c["peft"], task=task, device=device)
+    from mistral_ft.config_schema import TASK_MODEL
+
+    model = apply_peft(model, c["peft"], task=TASK_MODEL[task], device=device)
     if rank_local:
         model.rank_local_source = (model_path, rng)
     model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
@@ -676,9 +678,13 @@ def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) ->
     kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
                                   attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
                                                                                   device))
-    if c["task"] == "causal_lm":
+    from mistral_ft.config_schema import TASK_MODEL
+
+    if TASK_MODEL[c["task"]] == "causal_lm":
         return MistralForCausalLM.from_pretrained(model_path, **kwargs)
-    if info.format == "regression":
+    if c["task"] == "reward":  # one scalar score per sequence
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif info.format == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     else:
         id2label = {int(k): str(v) for k, v in (info.id2label or {}).items()}
@@ -846,7 +852,9 @@ def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, f
 def _print_report(s: Mapping[str, Any]) -> None:
     p = s["paths"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl") if s.get(k) is not None)
+    metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl",
+                                                       "val_reward_accuracy", "val_reward_margin", "val_margin")
+                        if s.get(k) is not None)
     lines = [
         f"Done: {s['global_step']} steps in {s['wall_s']:.1f}s; train loss {fmt(s['train_loss_first'])} -> "
         f"{fmt(s['train_loss_last'])}, val_loss {fmt(s['val_loss'])}" + (f", {metrics}" if metrics else ""),

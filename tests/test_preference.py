@@ -20,8 +20,8 @@ import torch
 
 from mistral_ft.data import DataError
 from mistral_ft.data.preference import PairCollator, build_pair_datasets
-from mistral_ft.tasks.preference import DPOTask, preference_settings
-from mistral_ft.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss
+from mistral_ft.tasks.preference import DPOTask
+from mistral_ft.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss, preference_settings
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DATA = {"train_file": "data/preference_train.jsonl", "format": "preference", "max_length": 128}

@@ -4,9 +4,11 @@ from mistral_ft.tasks.base import CheckpointMismatchError, FineTuneTask, lr_fact
 from mistral_ft.tasks.causal_lm import CausalLMTask, count_targets
 from mistral_ft.tasks.classification import ClassificationTask, classification_loss_sum
 
-TASKS = {"causal_lm": CausalLMTask, "classification": ClassificationTask}
+from mistral_ft.tasks.preference import DPOTask, RewardTask
+
+TASKS = {"causal_lm": CausalLMTask, "classification": ClassificationTask, "dpo": DPOTask, "reward": RewardTask}
 
 __all__ = [
-    "TASKS", "CausalLMTask", "CheckpointMismatchError", "ClassificationTask", "FineTuneTask",
+    "TASKS", "CausalLMTask", "DPOTask", "RewardTask", "CheckpointMismatchError", "ClassificationTask", "FineTuneTask",
     "classification_loss_sum", "count_targets", "lr_factor",
 ]

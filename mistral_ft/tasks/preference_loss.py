@@ -38,7 +38,8 @@ scalar score of a sequence classifier with one label.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,3 +132,33 @@ def bradley_terry_loss(score_chosen: torch.Tensor, score_rejected: torch.Tensor)
         "score_rejected": score_rejected.detach(),
     }
     return losses, stats
+
+
+DPO_DEFAULTS: dict[str, Any] = {
+    "loss_type": "sigmoid",  # sigmoid (DPO) | ipo | robust
+    "beta": 0.1,
+    "label_smoothing": 0.0,  # sigmoid: cDPO's eps; robust: the label flip rate (< 0.5)
+    "rpo_alpha": 0.0,  # > 0: add alpha * NLL per chosen token (RPO)
+    "disable_dropout": True,
+}
+
+
+def preference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `preference:` config node with defaults, checked (ValueError naming the key)."""
+    given = dict(config.get("preference") or {})
+    unknown = sorted(set(given) - set(DPO_DEFAULTS))
+    if unknown:
+        raise ValueError(f"preference: unknown key(s) {unknown}; valid keys are {sorted(DPO_DEFAULTS)}")
+    s = {**DPO_DEFAULTS, **given}
+    if s["loss_type"] not in LOSS_TYPES:
+        raise ValueError(f"preference.loss_type: {s['loss_type']!r} is not one of {list(LOSS_TYPES)}")
+    if not float(s["beta"]) > 0:
+        raise ValueError(f"preference.beta: must be > 0, got {s['beta']!r}")
+    eps = float(s["label_smoothing"])
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"preference.label_smoothing: must be in [0, 0.5), got {eps!r}")
+    if eps and s["loss_type"] == "ipo":
+        raise ValueError("preference.label_smoothing: IPO has no label smoothing; use loss_type sigmoid or robust")
+    if float(s["rpo_alpha"]) < 0:
+        raise ValueError(f"preference.rpo_alpha: must be >= 0, got {s['rpo_alpha']!r}")
+    return s
