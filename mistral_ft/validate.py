@@ -127,7 +127,7 @@ def _main(args: list[str]) -> int:
     from mistral_ft.train import compose_config, resolve_model_path
 
     c = compose_config(overrides)  # schema, model path and data config checks, as training does
-    from mistral_ft.data import DataError, build_datasets, collect_problems
+    from mistral_ft.data import DataError, collect_problems
     from mistral_ft.model.weights import resolve_model_path as local_model_folder
     from mistral_ft.tokenizer import MistralTokenizer
 
@@ -139,6 +139,11 @@ def _main(args: list[str]) -> int:
         problems.append(vocab_problem)
 
     data_cfg = {k: v for k, v in c["data"].items() if k not in ("batch_size", "eval_batch_size")}
+    from mistral_ft.data import build_datasets
+    from mistral_ft.data.preference import build_pair_datasets
+
+    # pairs: examples are pairs, a length is the longer row (prompt + answer) of a pair
+    build = build_pair_datasets if data_cfg.get("format") == "preference" else build_datasets
     import logging
 
     import datasets
@@ -149,14 +154,14 @@ def _main(args: list[str]) -> int:
     info = None
     with collect_problems() as rows:
         try:
-            _, _, info = build_datasets(dict(data_cfg, pack=False), tokenizer)
+            _, _, info = build(dict(data_cfg, pack=False), tokenizer)
         except DataError as err:  # a file-level problem (missing, empty, no valid rows): nothing more to learn
             rows.append(str(err))
     problems += rows
     lengths: list[int] = []
     if info is not None:  # raw lengths: the same rows without truncation (bad rows skipped, already reported)
         with collect_problems():
-            raw_ds, _, _ = build_datasets(dict(data_cfg, pack=False, max_length=2**31 - 1, skip_invalid=True), tokenizer)
+            raw_ds, _, _ = build(dict(data_cfg, pack=False, max_length=2**31 - 1, skip_invalid=True), tokenizer)
         lengths = sorted(raw_ds.lengths)
 
     out = [f"config: recipe={c['_choices'].get('recipe')} model={c['model'].get('path') or c['model']['name']} "

@@ -369,3 +369,14 @@ def test_dpo_with_qlora_reference_is_the_quantized_base(tiny, pairs, one_thread)
     grads = [p.grad for name, p in model.named_parameters() if "lora_" in name]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert float(stats["reward_margin"].abs().max()) > 0  # the adapter moved the policy off the reference
+
+
+def test_validate_reports_every_bad_pair(tmp_path, capsys):
+    from mistral_ft.validate import main
+
+    path = _write(tmp_path, [GOOD, {"prompt": "Hi", "chosen": "Yes", "rejected": "Yes"}, GOOD, {"prompt": "Hi", "chosen": "a"}])
+    rc = main(["recipe=dpo", "model=tiny", f"data.train_file={path}", "data.validation_file=null"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pairs.jsonl:2: field 'rejected': identical" in err and "pairs.jsonl:4: field 'rejected': missing" in err
+    assert main(["recipe=dpo", "model=tiny"]) == 0
+    assert "train examples: 200 valid" in capsys.readouterr().out
