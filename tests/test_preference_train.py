@@ -141,3 +141,32 @@ def test_a_step_is_a_mean_over_all_its_pairs(one_thread):
         torch.testing.assert_close(accumulated[name], single[name], atol=1e-6, rtol=1e-4, msg=name)
     # one pair alone gives other gradients: the comparison above can fail
     assert max(float((first_alone[n] - single[n]).abs().max()) for n in single) > 1e-5
+
+
+# ---- two processes (slow: Lightning starts rank 1 by replaying the command line) ------------------------
+def _two_process_run(run: Path, *overrides: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE"))}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "mistral_ft.train", "recipe=dpo", "model=tiny", "trainer.max_steps=3",
+                           "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2", "trainer.limit_val_batches=1",
+                           *QUIET, f"hydra.run.dir={run}", *overrides], cwd=run.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(strategy, tmp_path):
+    """Each rank gets whole pairs (2 of the step's 4); the step loss is the mean over all 4 either way."""
+    single = tmp_path / "single"
+    assert main(["recipe=dpo", "model=tiny", "trainer.max_steps=3", "trainer.accelerator=cpu", "data.batch_size=4",
+                 "trainer.limit_val_batches=1", *QUIET, f"hydra.run.dir={single}"]) == 0
+    run = tmp_path / strategy
+    _two_process_run(run, f"strategy={strategy}")
+    losses = lambda r: torch.tensor([v for _, v in _summary(r)["loss_history"]])  # noqa: E731
+    torch.testing.assert_close(losses(run), losses(single), rtol=1e-5, atol=1e-6)
+    assert _summary(run)["world_size"] == 2
