@@ -347,11 +347,13 @@ def test_reward_model_loss_by_hand_and_accuracy_rises(tiny, one_thread):
     assert after >= before + 0.15 and after >= 0.7, (before, after)
 
 
-def test_dpo_with_qlora_reference_is_the_quantized_base(tiny, pairs, one_thread):
+@pytest.mark.parametrize("method", ["qlora", "dora"])
+def test_dpo_reference_is_the_base_without_the_adapter(method, tiny, pairs, one_thread):
+    """QLoRA: the reference is the NF4 base; DoRA: the base without magnitude or LoRA."""
     from mistral_ft.adapters import apply_peft
     from mistral_ft.model import MistralForCausalLM
 
-    model = apply_peft(MistralForCausalLM.from_pretrained(tiny[0]), {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.1},
+    model = apply_peft(MistralForCausalLM.from_pretrained(tiny[0]), {"method": method, "r": 4, "alpha": 8, "dropout": 0.1},
                        device=torch.device("cpu"))
     task = DPOTask(model, {"preference": {"beta": 0.1}})
     batch = PairCollator(0)([pairs[i] for i in range(3)])
@@ -380,3 +382,14 @@ def test_validate_reports_every_bad_pair(tmp_path, capsys):
     assert rc == 1 and "pairs.jsonl:2: field 'rejected': identical" in err and "pairs.jsonl:4: field 'rejected': missing" in err
     assert main(["recipe=dpo", "model=tiny"]) == 0
     assert "train examples: 200 valid" in capsys.readouterr().out
+
+
+def test_cli_bad_pair_exits_2_with_file_line_and_no_run_folder(tmp_path, capsys):
+    from mistral_ft.train import main
+
+    path = _write(tmp_path, [GOOD, {"prompt": "Hi", "chosen": "Yes", "rejected": "Yes"}])
+    run = tmp_path / "run"
+    rc = main(["recipe=dpo", "model=tiny", f"data.train_file={path}", "data.validation_file=null", f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pairs.jsonl:2: field 'rejected': identical" in err and "Traceback" not in err
+    assert not run.exists()
