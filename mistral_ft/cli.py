@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+from mistral_ft.errors import UserError
+
 DEBUG_ENV = "MISTRAL_FT_DEBUG"
 
 
@@ -25,18 +27,19 @@ def debug_requested(args: Sequence[str]) -> bool:
 def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
             classify: Callable[[Exception], Optional[tuple[str, int]]],
             interrupted: str = "interrupted", on_failure: Optional[Callable[[], None]] = None,
-            failure_hint: str = "") -> int:
+            failure_hint: str = "", raise_unknown: bool = False) -> int:
     """Run `body()` and turn its exceptions into an exit status.
 
     `classify(err)` returns (message, status) for errors with a message of their own (bad input: status 2),
-    or None for anything else, which is reported as "`what` failed: Type: text" with status 1 after
+    or None for anything else, which is re-raised (a traceback) with `raise_unknown` (generate and the
+    converter, until the reliability issue gives every command one policy), else reported as "`what` failed: Type: text" with status 1 after
     `on_failure()` (e.g. logging the traceback to the run's log file).
     """
     debug = debug_requested(args)
     try:
         return body()
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        print(interrupted, file=sys.stderr)  # "" prints an empty line (generate)
         return 130
     except Exception as err:  # noqa: BLE001 - the one place that turns errors into exit codes
         if debug:
@@ -46,7 +49,31 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
             message, status = known
             print(f"error: {message}", file=sys.stderr)
             return status
+        if raise_unknown:
+            raise
         if on_failure is not None:
             on_failure()
         print(f"error: {what} failed: {type(err).__name__}: {err}{failure_hint}", file=sys.stderr)
         return 1
+
+
+def user_message(err: BaseException) -> Optional[str]:
+    """The one-paragraph message for errors caused by input; None for bugs (those keep a traceback)."""
+    user_types: list[type] = [UserError, FileNotFoundError]
+    try:
+        from mistral_ft.data import DataError
+
+        user_types.append(DataError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        user_types.append(MisconfigurationException)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(err, tuple(user_types)):
+        kind = {"DataError": "data", "CheckpointError": "model checkpoint", "MisconfigurationException": "trainer"}.get(
+            type(err).__name__, "")
+        return (f"{kind}: " if kind else "") + str(err)
+    return None

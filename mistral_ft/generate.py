@@ -22,21 +22,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Optional, TextIO
 
 import torch
 
-from .model.config import read_json_object
+from mistral_ft.checkpoints.load import load
+from mistral_ft.cli import run_cli
+from mistral_ft.errors import GenerateError
+from mistral_ft.runs import resolve_run
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # config.json keys that decide tensor shapes: an adapter trained on a base that differs in any of them cannot load.
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim")
-
-
-class GenerateError(ValueError):
-    """A problem with the command line or its inputs; printed as one line, without a traceback."""
 
 
 class TextStreamer:
@@ -74,157 +69,6 @@ class TextStreamer:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _shape_config(folder: Path) -> dict[str, Any] | None:
-    p = folder / "config.json"
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if d.get("head_dim") is None and d.get("hidden_size") and d.get("num_attention_heads"):
-        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-    return {k: d.get(k) for k in SHAPE_KEYS}
-
-
-def read_adapter_config(adapter: Path) -> dict[str, Any]:
-    if not adapter.is_dir():
-        raise GenerateError(f"--adapter {adapter}: no such folder")
-    path = adapter / ADAPTER_CONFIG
-    if not path.is_file():
-        raise GenerateError(f"--adapter {adapter}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
-    return read_json_object(path, GenerateError)
-
-
-def check_adapter(adapter: Path, model: torch.nn.Module, model_path: Path) -> None:
-    """Refuse, with a clear message, an adapter that was trained on another base than ``model``.
-
-    Two checks: the base named in ``adapter_config.json`` (``base_model_name_or_path``), when it is a local
-    folder, must have the same shape-deciding config as ``model``; and every tensor of the adapter must fit the
-    module it targets (LoRA A: (r, in_features), B: (out_features, r); saved modules: the parameter's shape).
-    A base named differently but with the same shapes (a copy, a hub id vs. its local snapshot) is accepted.
-    """
-    from safetensors import safe_open
-
-    cfg = read_adapter_config(adapter)
-    where = adapter / ADAPTER_CONFIG
-    task = cfg.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise GenerateError(f"{where}: task_type is {task!r}; generation needs a CAUSAL_LM adapter "
-                            f"(a SEQ_CLS adapter belongs to a classification model)")
-    base = cfg.get("base_model_name_or_path")
-    ours = _shape_config(model_path)
-    if base and ours is not None and Path(base).expanduser().is_dir():
-        base_dir = Path(base).expanduser().resolve()
-        theirs = _shape_config(base_dir)
-        if theirs is not None and base_dir != model_path.resolve():
-            diff = [f"{k}: {theirs[k]} (adapter's base) vs {ours[k]} (--model)" for k in SHAPE_KEYS
-                    if theirs[k] != ours[k]]
-            if diff:
-                raise GenerateError(f"--adapter {adapter} was trained on base {base} ({where}: "
-                                    f"base_model_name_or_path), which differs from --model {model_path}: "
-                                    + "; ".join(diff))
-    if base and Path(base).name != model_path.name and Path(base).expanduser().resolve() != model_path.resolve():
-        # same shapes, other name: maybe a copy, maybe another fine-tune of the same architecture; say so
-        print(f"note: {where} names base {base!r}; applying it to {model_path}", file=sys.stderr)
-    weights = adapter / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise GenerateError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS} (mistral_ft loads safetensors adapters only)")
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            name = key.removeprefix("base_model.model.")
-            problem = None
-            if ".lora_A." in name or ".lora_B." in name:
-                path = name.split(".lora_")[0]
-                module = modules.get(path)
-                if module is None or not hasattr(module, "in_features"):
-                    problem = f"targets module '{path}', which the base model does not have"
-                elif ".lora_A." in name and shape[1] != module.in_features:
-                    problem = f"has shape {shape}, but '{path}' takes {module.in_features} input features"
-                elif ".lora_B." in name and shape[0] != module.out_features:
-                    problem = f"has shape {shape}, but '{path}' has {module.out_features} output features"
-            else:
-                target = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
-                if target in params and tuple(params[target].shape) != shape:
-                    problem = f"has shape {shape}, but the base model's '{target}' is {tuple(params[target].shape)}"
-            if problem:
-                raise GenerateError(f"--adapter {adapter} does not fit --model {model_path}: tensor '{key}' "
-                                    f"{problem}. Was it trained on another base (adapter_config.json says "
-                                    f"{base!r})?")
-
-
-def resolve_run(run: Path) -> tuple[Path, Path | None]:
-    """A training run folder -> (model folder, adapter folder or None), from the layout train.py writes.
-
-    ``model/`` (full fine-tuning) is a complete HF folder; ``adapter/`` is a peft adapter whose base is its
-    ``base_model_name_or_path``, else the run's ``config.yaml`` ``model.path`` (null: the embedded tiny model).
-    """
-    if not run.is_dir():
-        raise GenerateError(f"--run {run}: no such folder")
-    if (run / "model" / "config.json").is_file():
-        return run / "model", None
-    adapter = run / "adapter"
-    if (adapter / ADAPTER_CONFIG).is_file():
-        base = read_adapter_config(adapter).get("base_model_name_or_path")
-        if base and Path(base).expanduser().is_dir():
-            return Path(base).expanduser(), adapter
-        cfg_file = run / "config.yaml"
-        if cfg_file.is_file():
-            from omegaconf import OmegaConf
-
-            path = OmegaConf.select(OmegaConf.load(cfg_file), "model.path", default=None)
-            if path:
-                return Path(str(path)).expanduser(), adapter
-            from .model.tiny import tiny_model_path
-
-            return tiny_model_path(), adapter
-        raise GenerateError(f"--run {run}: the adapter's base {base!r} is not a local folder and the run has no "
-                            f"config.yaml; pass the base with --model")
-    raise GenerateError(f"--run {run}: no model/ or adapter/ folder (they are written when training ends; "
-                        f"is this run finished?)")
-
-
-def load(model_path: str | Path, adapter: str | Path | None = None, dtype: str = "float32", attn: str = "sdpa",
-         device: str | None = None) -> tuple[torch.nn.Module, Any, Path]:
-    """(model ready for ``generate``, tokenizer, model folder); peft layers injected when ``adapter`` is given."""
-    from .model import MistralForCausalLM
-    from .model.weights import resolve_model_path
-    from .tokenizer import MistralTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p = Path(str(model_path)).expanduser()
-    if not p.exists() and (str(model_path).startswith(("/", ".", "~")) or str(model_path).count("/") != 1):
-        raise GenerateError(f"--model {model_path}: no such folder")
-    folder = resolve_model_path(model_path)
-    config_file = folder / "config.json"
-    if config_file.is_file():
-        archs = json.loads(config_file.read_text()).get("architectures") or []
-        if archs and archs[0] == "MistralForSequenceClassification":
-            raise GenerateError(f"{config_file}: this is a sequence-classification model; it cannot generate text")
-    model = MistralForCausalLM.from_pretrained(folder, torch_dtype=dtype, device=device, attn_implementation=attn)
-    tok_dir = None
-    if adapter is not None:
-        from peft import PeftModel
-
-        adapter = Path(adapter).expanduser()
-        check_adapter(adapter, model, folder)
-        model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()  # LoRA layers are now inside
-        model.eval()
-        if (adapter / "tokenizer.model").is_file():
-            tok_dir = adapter
-    if tok_dir is None and (folder / "tokenizer.model").is_file():
-        tok_dir = folder
-    if tok_dir is None:
-        print(f"note: {folder} has no tokenizer.model; using the Mistral-7B-v0.1 tokenizer from mistral_common",
-              file=sys.stderr)
-    tokenizer = MistralTokenizer.from_pretrained(tok_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GenerateError(f"the tokenizer has {tokenizer.vocab_size} pieces, but the model's vocab_size is "
-                            f"{model.config.vocab_size} ({config_file})")
-    return model, tokenizer, folder
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -324,17 +168,18 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a user error reported on stderr)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         with torch.no_grad():
             return run(args, sys.stdin, sys.stdout)
-    except (GenerateError, FileNotFoundError, ValueError, OSError) as e:  # CheckpointError/ConfigError are ValueErrors
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+
+    def classify(err: Exception) -> Optional[tuple[str, int]]:
+        # every ValueError counts as bad input here (CheckpointError/ConfigError are ValueErrors): kept as it
+        # was; the reliability issue narrows it to UserError for every command
+        return (str(err), 2) if isinstance(err, (GenerateError, FileNotFoundError, ValueError, OSError)) else None
+
+    return run_cli(body, ["debug=true"] if args.debug else [], "generation", classify, interrupted="",
+                   raise_unknown=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from mistral_ft.cli import run_cli, user_message
+from mistral_ft.errors import UserError
+from mistral_ft.runs import model_folder
+from mistral_ft.training.compose import compose_config
+from mistral_ft.training.run import check_tokenizer_matches_model
+
 USAGE = """usage: python -m mistral_ft.validate recipe=NAME [group=option ...] [key=value ...] [options]
 
   the same overrides as python -m mistral_ft.train (recipe, model, data, trainer.*, ...)
@@ -33,17 +39,14 @@ USAGE = """usage: python -m mistral_ft.validate recipe=NAME [group=option ...] [
 """
 
 
-class ValidateUsageError(ValueError):
+class ValidateUsageError(UserError):
     """Bad command-line arguments of the validate CLI."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the validator; returns the exit status (see the module docstring)."""
-    from mistral_ft.cli import run_cli
-    from mistral_ft.train import _user_message
-
     def classify(err: Exception) -> Optional[tuple[str, int]]:
-        message = str(err) if isinstance(err, ValidateUsageError) else _user_message(err)
+        message = str(err) if isinstance(err, ValidateUsageError) else user_message(err)
         return (message, 2) if message is not None else None
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -87,20 +90,6 @@ def measured_tokens_per_s(run: Path) -> float:
     return float(value)
 
 
-def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path) -> Optional[str]:
-    """A problem string when the tokenizer can produce ids the model has no embedding row for."""
-    config = Path(model_path) / "config.json"
-    try:
-        vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None  # from_pretrained reports a missing or broken config.json with its own message
-    if tokenizer.vocab_size > vocab:
-        return (f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} tokens but the model at {model_path} "
-                f"has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the model's own "
-                "tokenizer (model.tokenizer=null) or a model with a matching vocabulary")
-    return None
-
-
 def _percentile(sorted_values: list[int], q: float) -> int:
     """Nearest-rank percentile of an already sorted list."""
     k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
@@ -124,14 +113,12 @@ def _main(args: list[str]) -> int:
     if from_run is not None:
         tokens_per_s, rate_source = measured_tokens_per_s(from_run), f"measured (--from-run={from_run})"
 
-    from mistral_ft.train import compose_config, resolve_model_path
-
     c = compose_config(overrides)  # schema, model path and data config checks, as training does
-    from mistral_ft.data import DataError, collect_problems
-    from mistral_ft.model.weights import resolve_model_path as local_model_folder
+    from mistral_ft.data import DataError, build_datasets, collect_problems
+    from mistral_ft.data.preference import build_pair_datasets
     from mistral_ft.tokenizer import MistralTokenizer
 
-    model_path = str(local_model_folder(resolve_model_path(c["model"])))
+    model_path = model_folder(c["model"])
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
     problems: list[str] = []
     vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
@@ -139,11 +126,6 @@ def _main(args: list[str]) -> int:
         problems.append(vocab_problem)
 
     data_cfg = {k: v for k, v in c["data"].items() if k not in ("batch_size", "eval_batch_size")}
-    from mistral_ft.data import build_datasets
-    from mistral_ft.data.preference import build_pair_datasets
-
-    # pairs: examples are pairs, a length is the longer row (prompt + answer) of a pair
-    build = build_pair_datasets if data_cfg.get("format") == "preference" else build_datasets
     import logging
 
     import datasets
@@ -151,6 +133,8 @@ def _main(args: list[str]) -> int:
     datasets.disable_progress_bars()
     # the pipeline's "skipped N rows" warnings: this report lists the rows themselves
     logging.getLogger("mistral_ft.data.dataset").setLevel(logging.ERROR)
+    # pairs: examples are pairs, a length is the longer row (prompt + answer) of a pair
+    build = build_pair_datasets if data_cfg.get("format") == "preference" else build_datasets
     info = None
     with collect_problems() as rows:
         try:

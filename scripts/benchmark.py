@@ -7,7 +7,7 @@
 
 What is compared (docs/benchmarks.md has the measured tables):
 
-* **mistral_ft**: our ``MistralForCausalLM`` + peft LoRA (through ``mistral_ft.adapters.apply_peft``), examples
+* **mistral_ft**: our ``MistralForCausalLM`` + peft LoRA (through ``mistral_ft.adapters.lora.apply_peft``), examples
   packed into rows of ``--seq-len`` tokens by ``mistral_ft.data.pack_examples`` (position ids restart, no
   attention across documents via ``document_ids``), chunked cross-entropy (no full fp32 logits), token-weighted
   loss (``loss_reduction="sum"`` / targets of the optimizer step).
@@ -279,7 +279,7 @@ class Worker:
             return model.eval()
         torch.manual_seed(spec["seed"] + 1)  # same LoRA A matrices on both sides (same module order)
         if self.system == "mistral_ft":
-            from mistral_ft.adapters import apply_peft
+            from mistral_ft.adapters.lora import apply_peft
 
             return apply_peft(model, {"method": "lora", **LORA}, task="causal_lm")
         import peft
@@ -392,7 +392,7 @@ def worker_main(system: str, workdir: str) -> None:
     import torch  # noqa: F401
 
     if system == "mistral_ft":
-        import mistral_ft.adapters  # noqa: F401
+        import mistral_ft.adapters.lora  # noqa: F401
     else:
         import transformers  # noqa: F401
     line = sys.stdin.readline()

@@ -49,7 +49,7 @@ def build(root: Path, layers: int, hidden: int, shard_size: str) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from mistral_ft import MistralConfig, MistralForCausalLM
-    from mistral_ft.merge import record_base
+    from mistral_ft.runs import record_base
     from mistral_ft.tokenizer import MistralTokenizer
 
     base = root / "base"

@@ -35,8 +35,9 @@ def worker(rank: int, world: int, folder: str, mode: str, q) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from mistral_ft.adapters import apply_peft
-    from mistral_ft.distributed import decoder_layers, materialize_rank_local, meta_model
+    from mistral_ft.adapters.lora import apply_peft
+    from mistral_ft.distributed.fsdp import decoder_layers
+    from mistral_ft.distributed.rank_local import materialize_rank_local, meta_model
     from mistral_ft.model import MistralForCausalLM
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mistral_ft.errors import ConfigError
+
 # name -> (default, accepted python types). Types are checked when a config is built, so a config.json
 # with `"hidden_size": "4096"` fails with the file, key and value instead of deep inside a matmul.
 _FIELDS: dict[str, tuple[Any, tuple[type, ...]]] = {
@@ -47,10 +49,6 @@ _FIELDS: dict[str, tuple[Any, tuple[type, ...]]] = {
 }
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
-
-
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range; the message names the source, key and value."""
 
 
 def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:

@@ -18,6 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mistral_ft.errors import CheckpointError
+
+from .hub import local_model_folder
+
 from .config import MistralConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -26,8 +30,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and key."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: MistralConfig | None = None) -> torch.dtype:
@@ -44,32 +46,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: MistralConfig | None 
     return _DTYPES[name]
 
 
-def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id fetched (or found in the local hub cache) via huggingface_hub."""
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise CheckpointError(f"{p}: expected a folder with config.json and *.safetensors, got a file")
-        return p
-    s = str(path_or_id)
-    if s.startswith(("/", ".", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"{s}: no such model folder (and not a hub id of the form 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-        try:
-            return Path(snapshot_download(s, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            return Path(snapshot_download(s, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise CheckpointError(
-            f"could not fetch '{s}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"If this machine is offline, download the model elsewhere and set the model path to a local folder "
-            f"holding config.json, *.safetensors and tokenizer.model.") from None
-
-
-def _shard_map(folder: Path) -> dict[str, list[str]]:
+def shard_map(folder: Path) -> dict[str, list[str]]:
     """shard file -> the tensor names it should hold (from the index, or the single file)."""
     index = folder / INDEX_NAME
     if index.is_file():
@@ -101,7 +78,7 @@ def read_state_dict(folder: Path, expected: dict[str, torch.Size], dtype: torch.
     """Read tensors named in ``expected`` (after ``key_map``) with shape checks; returns (state, unexpected)."""
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for shard, names in _shard_map(folder).items():
+    for shard, names in shard_map(folder).items():
         path = folder / shard
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -134,7 +111,7 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
     Loading a base (causal-LM) checkpoint into ``MistralForSequenceClassification`` initialises ``score`` and
     ignores ``lm_head`` (the usual start of classification fine-tuning). Anything else missing is an error.
     """
-    folder = resolve_model_path(path)
+    folder = local_model_folder(path)
     if config is None:
         config = MistralConfig.from_pretrained(folder, **config_overrides)
     if attn_implementation is not None:
@@ -175,7 +152,7 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
     return model.eval()
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
@@ -194,7 +171,7 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: str | os.PathLike, m
     """Write ``state`` as safetensors shards (HF names: model-0000i-of-0000n.safetensors + index when > 1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():

@@ -1,0 +1,1 @@
+"""Multi-device training (never imports mistral_ft.training): checks, strategy, fsdp, sharded checkpoints, rank-local load."""

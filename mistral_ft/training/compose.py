@@ -1,0 +1,263 @@
+"""From a command line to one validated run config: Hydra composition, overrides, `resume=`.
+
+Everything here runs before a run folder exists, so a typo, a missing model folder or a bad data
+setting fails without leaving anything behind. `compose_config` is the same path as a plain dict, for
+tests and tools (`validate`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_ft.data import DataConfig
+from mistral_ft.distributed.checks import check_distributed
+from mistral_ft.errors import ConfigError
+from mistral_ft.model.hub import local_model_folder
+from mistral_ft.runs import newest_checkpoint, resolve_model_path, resolve_resume
+from mistral_ft.training.registry import resolve_precision
+from mistral_ft.training.schema import DATA_LOADER_KEYS, Sources, mask_secret, validate_config
+
+log = logging.getLogger("mistral_ft.train")
+
+CONFIG_NAME = "config"
+
+
+def config_dir() -> Path:
+    """The composed config tree: `mistral_ft/conf/` (groups) with `conf/recipe/` (the recipes).
+
+    In the repository `mistral_ft/conf` links to the top-level `conf/` and `conf/recipe` to
+    `recipes/` (Hydra only finds a group named `recipe` in a folder of that name); the wheel
+    carries both as real folders inside the package, so an installed copy needs no repository.
+    """
+    here = Path(__file__).resolve().parent.parent / "conf"
+    if not (here / f"{CONFIG_NAME}.yaml").is_file() or not (here / "recipe").is_dir():
+        raise RuntimeError(f"mistral_ft's config tree is missing at {here} (broken install?)")
+    return here
+
+
+def available(group: str) -> list[str]:
+    """Options of a config group (file stems), for messages and --help."""
+    folder = config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """The validated config that `main(overrides)` would train with, as a plain dict (no run).
+
+    For tests and tools: every recipe / group option can be checked without starting anything.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import initialize_config_dir
+
+    overrides = trainer_overrides(resume_overrides(list(overrides)))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="train"):
+        hydra = GlobalHydra.instance().hydra
+        cfg = compose_validated(hydra, overrides)
+        plain = to_plain(cfg)
+        plain["_choices"] = dict(cfg.hydra.runtime.choices)
+        return plain
+
+
+def compose_validated(hydra: Any, overrides: list[str]) -> Any:
+    """Compose one config (RUN mode) and validate it; Hydra's errors become ConfigError."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.types import RunMode
+
+    try:
+        cfg = hydra.compose_config(CONFIG_NAME, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+    except MissingConfigException as err:
+        text = _hydra_text(err).split("\nConfig search path", 1)[0]
+        raise ConfigError(text.replace("\n\t", " ").replace("\n", "; ")) from None
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the command line: {_hydra_text(err)}") from None
+    except ConfigCompositionException as err:
+        raise ConfigError(_explain_composition_error(hydra, overrides, err)) from None
+    choices = dict(cfg.hydra.runtime.choices)
+    plain = to_plain(cfg)
+    validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
+    if plain["model"].get("path"):
+        resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
+    # the data pipeline's own range checks (DataError), also before any run folder exists
+    DataConfig.from_mapping({k: v for k, v in plain["data"].items() if k not in DATA_LOADER_KEYS})
+    import torch
+
+    accelerator = str(plain["trainer"].get("accelerator", "auto"))
+    resolve_precision(plain["trainer"].get("precision", "auto"),
+                      torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
+    check_distributed(plain, torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"))
+    return cfg
+
+
+def fetch_hub_model(cfg: Any) -> None:
+    """A hub id in model.path is fetched (or found in the hub cache) now, before Hydra makes the run
+    folder: offline or a wrong id then fails without leaving a folder behind. compose_config skips this
+    (it must work without the hub)."""
+    path = cfg.model.get("path")
+    if path and not Path(str(path)).expanduser().exists():
+        local_model_folder(str(path))
+
+
+def _hydra_text(err: BaseException) -> str:
+    text = str(err).strip()
+    cause = err.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text.replace("\n\n", "\n")
+
+
+def _explain_composition_error(hydra: Any, overrides: list[str], err: BaseException) -> str:
+    """Hydra says "Could not override 'optimizer.lrr'"; we add the valid keys and the likely one."""
+    import difflib
+
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    text = _hydra_text(err)
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if f"Could not override '{key}'" in text or f"Could not append to config. An item is already at '{key}'" in text:
+            parent, _, leaf = key.rpartition(".")
+            rest = [o for o in overrides if o != ov]
+            try:
+                base = hydra.compose_config(CONFIG_NAME, rest, run_mode=RunMode.RUN, with_log_configuration=False)
+                node = OmegaConf.select(base, parent) if parent else base
+            except Exception:  # noqa: BLE001 - the plain message is still useful
+                node = None
+            if node is not None and OmegaConf.is_dict(node):
+                valid = sorted(str(k) for k in node.keys() if k != "hydra")
+                close = difflib.get_close_matches(leaf, valid, n=1)
+                hint = f" Did you mean '{(parent + '.') if parent else ''}{close[0]}'?" if close else ""
+                return (f"{key}: unknown key (from the command line: {mask_secret(ov)}).{hint} Valid keys under "
+                        f"{parent or 'the top level'}: {', '.join(valid)}")
+            if node is not None:
+                return f"{key}: cannot set a key under {parent}, which is a value ({node!r}), not a group of keys"
+    if "You must specify 'recipe'" in text:
+        return f"no recipe given: add recipe=NAME, one of {available('recipe')}"
+    return text
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    """The user part of a composed config as plain Python values (interpolations resolved)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_container(without_hydra(cfg), resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", "") or "?"
+        raise ConfigError(f"{key}: a value is required (pass {key}=...)") from None
+
+
+def without_hydra(cfg: Any) -> Any:
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a `-m` sweep, as plain override lists (what Hydra's BasicSweeper runs)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the command line: {err}") from None
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def refuse_multiprocess_sweep(cfg: Any) -> None:
+    """Lightning launches DDP children by replaying sys.argv: each child would re-run the whole sweep.
+
+    Any multi-device run is refused (strategy=auto on several devices is DDP as well).
+    """
+    strategy = str(cfg.strategy.name)
+    devices = cfg.trainer.get("devices", 1)
+    multi = devices == -1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and devices not in ("1", "auto")) \
+        or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    if multi:  # strategy=auto with several devices is DDP too
+        raise ConfigError(
+            f"a -m sweep cannot use strategy={strategy} with trainer.devices={devices}: Lightning starts the "
+            "other processes by replaying the command line, so every process would run the whole sweep. "
+            "Run the sweep points one by one (e.g. a shell loop or a SLURM array), or sweep with strategy=auto."
+        )
+
+
+def trainer_overrides(overrides: list[str]) -> list[str]:
+    """`trainer.X=V` for any Lightning Trainer argument X, even one the trainer group does not list.
+
+    Hydra refuses new keys without a `+`; users should not need to know which Trainer arguments our
+    YAML happens to spell out, so those become `++trainer.X=V` (add or override). Other keys are left
+    alone, so a typo still fails (with the valid keys listed).
+    """
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if sep and key.startswith("trainer.") and key.count(".") == 1 and key.split(".", 1)[1] in valid:
+            ov = f"++{key}={value}"
+        out.append(ov)
+    return out
+
+
+def _override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    value = None
+    for ov in overrides:
+        k, sep, v = ov.lstrip("+").partition("=")
+        if sep and k == key:
+            value = v.strip("'\"")
+    return value
+
+
+def _quote(path: Path | str) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_overrides(overrides: list[str]) -> list[str]:
+    """Make `resume=RUN` continue in RUN with RUN's own overrides unless the user gives others.
+
+    The checkpoint path replaces the folder (so every process, DDP children included, loads the same
+    file); `hydra.run.dir` points at the old run folder unless set; without a `recipe=` the saved
+    `overrides.yaml` of that run comes first, so `resume=RUN trainer.max_steps=200` just works.
+    """
+    resume = _override_value(overrides, "resume")
+    if resume == "auto":  # the newest complete checkpoint of hydra.run.dir, or a fresh start
+        run_dir_text = _override_value(overrides, "hydra.run.dir")
+        if not run_dir_text:
+            raise ConfigError("resume=auto needs hydra.run.dir=PATH: the run folder to continue (or start) in")
+        found = newest_checkpoint(Path(run_dir_text).expanduser())
+        overrides = [o for o in overrides if o.lstrip("+").partition("=")[0] != "resume"]
+        if found is None:
+            return overrides + ["resume=null"]
+        log.info("resume=auto: continuing from %s", found)
+        resume = str(found)
+        overrides.append(f"resume={_quote(found)}")
+    if not resume or resume in ("null", "None"):
+        return overrides
+    ckpt, run_dir = resolve_resume(resume)
+    out = [o for o in overrides if o.lstrip("+").partition("=")[0] != "resume"]
+    if _override_value(out, "recipe") is None:
+        saved = run_dir / "overrides.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"resume={resume}: {saved} is missing; give the recipe and overrides of that run again")
+        import yaml
+
+        previous = [str(o) for o in (yaml.safe_load(saved.read_text()) or [])]
+        keys = {o.lstrip("+~").partition("=")[0] for o in out}
+        out = [o for o in previous if o.lstrip("+~").partition("=")[0] not in keys] + out
+    if _override_value(out, "hydra.run.dir") is None:
+        out.append(f"hydra.run.dir={_quote(run_dir)}")
+    out.append(f"resume={_quote(ckpt)}")
+    return out

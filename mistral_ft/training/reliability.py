@@ -1,0 +1,206 @@
+"""Crash safety: atomic checkpoints, `resume=auto`, non-finite steps, out-of-memory advice, test hooks.
+
+Why each piece exists
+---------------------
+* A job killed by SLURM preemption, the OOM killer or a power cut can die in the middle of
+  `torch.save`. Lightning writes the final path through an fsspec transaction (a move at the end) but
+  never fsyncs, so after a crash the page cache may not have reached the disk: a file that exists can
+  still be short. `AtomicCheckpointIO` writes `.NAME.tmp-PID` in the same folder, fsyncs it, renames it
+  over NAME (`os.replace` is atomic within one file system) and fsyncs the folder, so NAME is either the
+  old complete file or the new complete file, never a torn one. `last.ckpt` goes through the same path.
+* `resume=auto` makes a requeued job's command line idempotent: the same command starts fresh the
+  first time and continues from the newest *complete* checkpoint afterwards (`newest_checkpoint`).
+* A NaN/inf step would silently poison the weights (AdamW spreads it to every parameter it touches)
+  and every later checkpoint. `check_nonfinite` stops before the optimizer step (so no checkpoint is
+  written after the bad step) or, with `skip_nonfinite=true`, drops that step's gradients.
+
+Test-only hooks (environment variables, read once when the Trainer is built; never set in production):
+
+    MISTRAL_FT_TEST_KILL=step:N        SIGKILL this process after optimizer step N (before its checkpoint)
+    MISTRAL_FT_TEST_KILL=ckpt_write:K  SIGKILL in the middle of the K-th checkpoint write of this process
+                                       (half the bytes written to the temporary file)
+    MISTRAL_FT_TEST_NAN=grad:N | loss:N   make step N's gradients / loss NaN
+    MISTRAL_FT_TEST_OOM=step:N         raise torch.OutOfMemoryError at step N (the CUDA error, on any device)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mistral_ft.errors import TrainingStopped
+from mistral_ft.fs import atomic_write_bytes
+from mistral_ft.runs import read_checkpoint
+
+log = logging.getLogger("mistral_ft.reliability")
+
+KILL_ENV = "MISTRAL_FT_TEST_KILL"
+NAN_ENV = "MISTRAL_FT_TEST_NAN"
+OOM_ENV = "MISTRAL_FT_TEST_OOM"
+
+
+class NonFiniteError(TrainingStopped):
+    """Training stopped at a step whose loss or gradients were NaN/inf (message: step, batches, what)."""
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a (complete) checkpoint to `dst` atomically, e.g. the final step-N.ckpt to last.ckpt."""
+    write_checkpoint_bytes(Path(dst), Path(src).read_bytes())
+
+
+_checkpoint_writes = 0  # checkpoint files written by this process (the ckpt_write:K test hook counts them)
+
+
+def write_checkpoint_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_bytes` for a checkpoint file, counted for MISTRAL_FT_TEST_KILL=ckpt_write:K."""
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    atomic_write_bytes(path, data, _kill_halfway=_checkpoint_writes == _hook_value(KILL_ENV, "ckpt_write"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO` with atomic, fsynced writes and `weights_only=True` reads.
+
+    Serializes to memory first, as Lightning's own `_atomic_save` does (so host memory briefly holds one
+    checkpoint's bytes: megabytes for LoRA, the full trainable weights and optimizer state otherwise). Reads
+    never unpickle code (`weights_only=True`): our checkpoints hold only tensors and plain containers.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        write_checkpoint_bytes(Path(path), buf.getvalue())
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return read_checkpoint(Path(path), map_location=map_location)
+
+
+# ---- resume=auto -------------------------------------------------------------------------------------
+
+
+# ---- non-finite steps --------------------------------------------------------------------------------
+def grad_probe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """0.0 when every gradient is finite, NaN otherwise, as a device tensor (no host sync).
+
+    0 * sum(grad) is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
+    all-reduce the step already does, it costs a pass over the gradients (clipping does the same) and
+    no extra host sync.
+    """
+    # FSDP2 grads are DTensors: probe the local shard (a DTensor sum cannot join the plain all-reduce below)
+    sums = [getattr(p.grad, "_local_tensor", p.grad).detach().sum().float()
+            for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not sums:
+        return torch.zeros((), device=device)
+    return torch.stack([s.to(device) for s in sums]).sum() * 0.0
+
+
+def check_nonfinite(module: Any, optimizer: torch.optim.Optimizer, step_loss: float, local_loss: torch.Tensor) -> bool:
+    """Called when the step's reduced loss (+ gradient probe) is not finite: stop, or skip the step.
+
+    Returns True when the step was skipped (its gradients dropped); raises `NonFiniteError` otherwise.
+    Every rank sees the same all-reduced value, so every rank takes the same branch.
+    """
+    step = int(module.global_step)
+    try:  # batches of this epoch fetched so far: the step's micro-batches are the last `accumulate` of them
+        last = int(module.trainer.fit_loop.epoch_loop.batch_progress.current.ready) - 1
+        first = max(0, last - int(module.trainer.accumulate_grad_batches) + 1)
+        batches = str(last) if first == last else f"{first}..{last}"
+    except (AttributeError, RuntimeError):
+        batches = "?"
+    bad = [n for g in optimizer.param_groups for n, p in zip(_names(module, g["params"]), g["params"])
+           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    loss_ok = bool(torch.isfinite(local_loss).all())
+    what = ("loss " + ("is finite" if loss_ok else "is not finite")
+            + (f"; non-finite gradients in {len(bad)} tensor(s), e.g. {bad[0]}" if bad else ""))
+    where = f"optimizer step {step} (batch index {batches}, epoch {module.current_epoch})"
+    if bool((module.hparams or {}).get("skip_nonfinite", False)):
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
+        module.nonfinite_skips.append({"step": step, "batches": batches})
+        log.warning("skipped %s: %s (skip_nonfinite=true)", where, what)
+        return True
+    raise NonFiniteError(
+        f"non-finite training step at {where}: {what} (step loss {step_loss}). Stopped before the optimizer "
+        "step, so no checkpoint holds it; the last good checkpoint is the newest one in the run folder "
+        "(continue with resume=RUN_FOLDER, e.g. with a lower optimizer.lr), or set skip_nonfinite=true to skip "
+        "such steps (counted in summary.json)."
+    )
+
+
+def _names(module: Any, params: list[torch.nn.Parameter]) -> list[str]:
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    return [by_id.get(id(p), "?") for p in params]
+
+
+# ---- out of memory -----------------------------------------------------------------------------------
+def oom_advice(c: Mapping[str, Any]) -> str:
+    """What to change when the GPU runs out of memory, with this run's current values."""
+    data, trainer = c.get("data", {}), c.get("trainer", {})
+    bs, acc = int(data.get("batch_size", 1)), int(trainer.get("accumulate_grad_batches", 1) or 1)
+    lines = [
+        "out of memory. Settings that reduce memory (the first keeps the global batch):",
+        f"  data.batch_size={max(1, bs // 2)} trainer.accumulate_grad_batches={acc * 2}   (now {bs} x {acc})"
+        if bs > 1 else f"  data.batch_size is already 1; raise trainer.accumulate_grad_batches instead (now {acc})",
+        f"  data.max_length={max(2, int(data.get('max_length', 1024)) // 2)}   (now {data.get('max_length')}; "
+        "longer examples are truncated)",
+    ]
+    if not c.get("model", {}).get("gradient_checkpointing"):
+        lines.append("  model.gradient_checkpointing=true   (activation checkpointing: ~30% slower)")
+    if c.get("peft", {}).get("method") != "qlora":
+        lines.append("  peft=qlora   (4-bit base weights)")
+    return "\n".join(lines)
+
+
+# ---- test hooks --------------------------------------------------------------------------------------
+def _hook_value(env: str, kind: str) -> Optional[int]:
+    """N from `env=kind:N`, else None."""
+    value = os.environ.get(env, "")
+    k, _, n = value.partition(":")
+    if k == kind and n.strip().isdigit():
+        return int(n)
+    return None
+
+
+def hook_callbacks() -> list[Any]:
+    """Callbacks for the test-only environment variables (an empty list when none is set)."""
+    import lightning as L
+
+    kill_step = _hook_value(KILL_ENV, "step")
+    nan_grad, nan_loss = _hook_value(NAN_ENV, "grad"), _hook_value(NAN_ENV, "loss")
+    oom_step = _hook_value(OOM_ENV, "step")
+    if kill_step is None and nan_grad is None and nan_loss is None and oom_step is None:
+        return []
+
+    class TestHooks(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if oom_step is not None and trainer.global_step == oom_step:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (test hook {OOM_ENV}=step:{oom_step})")
+
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.global_step == nan_grad:
+                p = next(p for p in pl_module.parameters() if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+            if trainer.global_step == nan_loss:
+                pl_module._acc_loss = pl_module._acc_loss + float("inf")
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            # runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last)
+            if kill_step is not None and trainer.global_step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return [TestHooks()]
+

@@ -1,0 +1,248 @@
+"""One training run, as a flat sequence of steps: config -> tokenizer -> data -> model -> task -> Trainer -> fit.
+
+`run_training` is what `python -m mistral_ft.train` calls for each composed config (and what tests
+call in-process); each step is a function of its own here or in the module that owns the idea
+(registry: strategy / logger; distributed: fsdp; summary: summary.json and the loss plot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral_ft.adapters.lora import apply_peft, trainable_parameter_count
+from mistral_ft.data import MistralDataModule
+from mistral_ft.distributed.fsdp import gather_trainable, is_sharded
+from mistral_ft.distributed.rank_local import meta_model, rank_local_load_applies
+from mistral_ft.distributed.checks import requested_devices
+from mistral_ft.errors import ConfigError, TrainingStopped
+
+from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
+from mistral_ft.model.attention import resolve_attn_implementation
+from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resume
+from mistral_ft.tokenizer import MistralTokenizer
+from mistral_ft.training.compose import config_dir, to_plain
+from mistral_ft.training.memory import log_memory_plan
+from mistral_ft.training.registry import build, resolve_precision
+from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice
+from mistral_ft.training.schema import Sources, strip_secrets, validate_config
+from mistral_ft.training.summary import print_report, write_summary, write_yaml
+from mistral_ft.training.tasks import TASKS
+
+log = logging.getLogger("mistral_ft.train")
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing into `run_dir`; returns the summary (rank 0; other ranks get {}).
+
+    `cfg` is the composed config (DictConfig or plain dict, no `hydra` node); `overrides` and
+    `choices` are only recorded (overrides.yaml) and used to point error messages at files.
+    """
+    t_wall = time.perf_counter()
+    import lightning as L
+    import torch
+
+    c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
+    validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
+    run_dir = Path(run_dir).resolve()
+    ckpt_dir = run_dir / "checkpoints"
+    resume_ckpt = c.get("resume")
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if not resume_ckpt and rank == 0 and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass resume={run_dir} to continue it, "
+                          "or choose another hydra.run.dir")
+    if resume_ckpt:
+        resume_ckpt, _ = resolve_resume(str(resume_ckpt))
+
+    L.seed_everything(int(c["seed"]), workers=True, verbose=False)
+    accelerator = str(c["trainer"].get("accelerator", "auto"))
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    precision = resolve_precision(c["trainer"].get("precision", "auto"), use_cuda)
+
+    # tokenizer -> data -> model -> peft -> task module
+    # hub id -> local folder first (fetched once, or found in the hub cache): the tokenizer lives there too
+    model_path = model_folder(c["model"])
+    tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
+        raise ConfigError(vocab_problem)
+    data_cfg = dict(c["data"])
+    batch_size = int(data_cfg.pop("batch_size"))
+    eval_batch_size = data_cfg.pop("eval_batch_size", None)
+    task = str(c["task"])
+    datamodule = MistralDataModule(data_cfg, tokenizer, task=task, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    datamodule.setup("fit")
+    info = datamodule.info
+    assert info is not None
+
+    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    model = build_model(c, model_path, info, device)
+    trainable, total = trainable_parameter_count(model)
+    log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
+             100.0 * trainable / max(1, total))
+    log_memory_plan(c, model, trainable, total, use_cuda,
+                    requested_devices(c["trainer"].get("devices", 1), use_cuda) * int(c["trainer"].get("num_nodes", 1) or 1))
+
+    hparams = strip_secrets(c)
+    hparams["data_info"] = info.to_dict()
+    module = TASKS[task](model, hparams)
+
+    if rank == 0:  # the run folder's descriptive files, written only now that data and model loaded
+        write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
+
+    trainer = build_trainer(c, run_dir, precision)
+    try:
+        return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
+                               choices=choices, trainable=trainable, total=total, t_wall=t_wall)
+    except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError is the same class
+        raise TrainingStopped(f"{oom_advice(c)}\n(at optimizer step {trainer.global_step}: "
+                              f"{str(err).strip().splitlines()[0][:200]})") from err
+    finally:
+        if c["logger"]["name"] == "wandb":  # or the next run of a -m sweep would log into this W&B run
+            import wandb
+
+            wandb.finish()
+
+
+def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, Any], run_dir: Path,
+                    resume_ckpt: Any, tokenizer: Any, info: Any, *, choices: Optional[Mapping[str, Any]],
+                    trainable: int, total: int, t_wall: float) -> dict[str, Any]:
+    ckpt_dir = run_dir / "checkpoints"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+
+    # the final checkpoint first: a validate() run would drop the fit loop's data position from it
+    last = ckpt_dir / "last.ckpt"
+    final = ckpt_dir / f"step-{trainer.global_step:06d}.ckpt"
+    # Decide from trainer state, not from the file system: every rank must take the same branch,
+    # because save_checkpoint ends in a barrier (rank 0 may already have written the file).
+    # ModelCheckpoint wrote step-N.ckpt itself when N is a multiple of every_n_train_steps.
+    if trainer.global_step % int(c["checkpoint"]["every_n_train_steps"]) != 0 or not trainer.global_step:
+        trainer.save_checkpoint(final)
+    # a final validation unless the last one was at the final step
+    if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    tokens = module.total_tokens_seen()
+    # strategy=fsdp: the trainable weights as full tensors (a collective: every rank takes part)
+    gathered = gather_trainable(module.model) if is_sharded(module.model) else None
+    if not trainer.is_global_zero:
+        return {}
+    if final.is_dir():  # a sharded (DCP) checkpoint is a folder
+        shutil.rmtree(last, ignore_errors=True)
+        shutil.copytree(final, last)
+    else:
+        atomic_copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
+    exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
+    summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, wall_s=time.perf_counter() - t_wall,
+                            trainable=trainable, total=total, exported=exported)
+    print_report(summary)
+    return summary
+
+
+def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:
+    """Our MistralForCausalLM / MistralForSequenceClassification, the head sized from the data's labels."""
+    kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
+                                  attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
+                                                                                  device))
+    if TASK_MODEL[c["task"]] == "causal_lm":
+        return MistralForCausalLM.from_pretrained(model_path, **kwargs)
+    if c["task"] == "reward":  # one scalar score per sequence
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif info.format == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    else:
+        id2label = {int(k): str(v) for k, v in (info.id2label or {}).items()}
+        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                      problem_type="single_label_classification")
+    return MistralForSequenceClassification.from_pretrained(model_path, **kwargs)
+
+
+def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
+    """A Lightning Trainer from `trainer.*` plus the strategy / logger groups and our callbacks."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer_args = dict(c["trainer"])
+    trainer_args["precision"] = precision
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=int(c["checkpoint"]["every_n_train_steps"]), save_top_k=-1, save_last=True,
+    )
+    # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
+    plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
+    return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
+                     logger=build("logger", c["logger"], run_dir),
+                     callbacks=[checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
+
+
+def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:
+    """The model to train: loaded (or built on meta for a rank-local fsdp load), compiled /
+    checkpointed as asked, with the peft adapter applied, in train mode."""
+    import torch
+
+    # strategy=fsdp: build on meta; each rank reads only its own shards once sharded (configure_model)
+    rank_local = rank_local_load_applies(c)
+    # qlora: load on CPU and quantize layer by layer onto `device` (a bf16 7B never sits on the GPU whole)
+    model = meta_model(c, model_path) if rank_local else \
+        load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
+    if c["model"].get("compile"):
+        for layer in model.model.layers:  # per layer: one small graph, reused by every layer
+            layer.compile()
+    if c["model"].get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+        if c["peft"]["method"] != "none":
+            model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
+    rng = torch.random.get_rng_state()  # what peft draws the LoRA init from (replayed by a rank-local load)
+    model = apply_peft(model, c["peft"], task=TASK_MODEL[str(c["task"])], device=device)
+    if rank_local:
+        model.rank_local_source = (model_path, rng)
+    model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
+    return model
+
+
+def write_run_files(run_dir: Path, c: Mapping[str, Any], model_path: str, overrides: Sequence[str], *,
+                    resumed: bool) -> None:
+    """config.yaml, base_model.json (export refuses a moved or changed base) and overrides.yaml (what resume replays)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(run_dir / "config.yaml", strip_secrets(c))
+    record_base(run_dir, model_path, c["model"])
+    if not resumed or not (run_dir / "overrides.yaml").is_file():
+        kept = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra."))]
+        write_yaml(run_dir / "overrides.yaml", [o for o in kept if strip_secrets({o.partition("=")[0]: 1})])
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: Any,
+                   state_dict: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """adapter/ (peft: adapter_config.json + adapter_model.safetensors, `score` included for
+    classification) or model/ (full fine-tuning: HF folder), each with the tokenizer.
+    `state_dict`: the gathered weights of a sharded (FSDP2) model, whose own tensors are shards."""
+    folder = run_dir / ("model" if c["peft"]["method"] == "none" else "adapter")
+    extra = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+    if c["peft"]["method"] == "none":
+        model.save_pretrained(str(folder), **extra)
+    else:
+        # LoRA on lm_head would otherwise make peft copy the whole (frozen) output layer into the adapter
+        model.save_pretrained(str(folder), save_embedding_layers=False, **extra)
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path) -> Optional[str]:
+    """A problem string when the tokenizer can produce ids the model has no embedding row for."""
+    config = Path(model_path) / "config.json"
+    try:
+        vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None  # from_pretrained reports a missing or broken config.json with its own message
+    if tokenizer.vocab_size > vocab:
+        return (f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} tokens but the model at {model_path} "
+                f"has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the model's own "
+                "tokenizer (model.tokenizer=null) or a model with a matching vocabulary")
+    return None

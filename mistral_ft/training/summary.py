@@ -1,0 +1,129 @@
+"""What a finished run reports: summary.json, loss_curve.png, the closing lines on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(sum(values) / len(values)) if values else None
+
+
+def peak_memory_mb() -> tuple[float, str]:
+    """Peak CUDA memory allocated by tensors, or the process's peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "cpu_peak_rss"
+
+
+def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any], info: Any, *, recipe: Optional[str], tokens: int,
+                  wall_s: float, trainable: int, total: int, exported: Optional[str]) -> dict[str, Any]:
+    """summary.json + loss_curve.png; train_loss_first/last are means of the first/last 5 logged steps."""
+    losses = [v for _, v in module.loss_history]
+    val = module.val_history[-1] if module.val_history else {}
+    mem, mem_kind = peak_memory_mb()
+    ckpts = sorted(str(p) for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    logger = trainer.logger
+    log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    train_time = module.train_time_s
+    summary: dict[str, Any] = {
+        "recipe": recipe,
+        "task": c["task"],
+        "model": c["model"].get("path") or "tiny",
+        "peft": c["peft"]["method"],
+        "global_step": int(trainer.global_step),
+        "train_loss_first": _mean(losses[:5]),
+        "train_loss_last": _mean(losses[-5:]),
+        "val_loss": val.get("val_loss"),
+        **{k: v for k, v in val.items() if k not in ("step", "val_loss")},
+        "tokens_seen": int(tokens),
+        "tokens_per_s": float(tokens / train_time) if train_time > 0 else None,
+        "train_time_s": float(train_time),
+        "wall_s": float(wall_s),
+        "peak_memory_mb": float(mem),
+        "peak_memory_kind": mem_kind,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "precision": str(trainer.precision),
+        "world_size": int(trainer.world_size),
+        "id2label": {str(k): v for k, v in (getattr(module, "id2label", None) or {}).items()} or None,
+        "data": info.to_dict(),
+        "paths": {
+            "run_dir": str(run_dir),
+            "config": str(run_dir / "config.yaml"),
+            "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+            "checkpoints": ckpts,
+            "logs": str(log_dir) if log_dir else None,
+            "metrics_csv": str(Path(log_dir) / "metrics.csv") if log_dir and c["logger"]["name"] == "csv" else None,
+            "log_file": str(run_dir / "train.log"),
+            "loss_curve": str(run_dir / "loss_curve.png"),
+            "exported": exported,
+        },
+        "nonfinite_skipped": len(module.nonfinite_skips),  # steps dropped with skip_nonfinite=true
+        "nonfinite_skips": module.nonfinite_skips,
+        "loss_history": [[s, v] for s, v in module.loss_history],
+        "val_history": module.val_history,
+    }
+    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    plot_losses(module.loss_history, module.val_history, run_dir / "loss_curve.png")
+    return summary
+
+
+def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, float]], path: Path) -> None:
+    """Loss per optimizer step (and validation points) as a PNG; Agg needs no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss (token-weighted)", lw=1)
+    pts = [(v["step"], v["val_loss"]) for v in val if "val_loss" in v]
+    if pts:
+        ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_report(s: Mapping[str, Any]) -> None:
+    p = s["paths"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl",
+                                                       "val_reward_accuracy", "val_reward_margin", "val_margin")
+                        if s.get(k) is not None)
+    lines = [
+        f"Done: {s['global_step']} steps in {s['wall_s']:.1f}s; train loss {fmt(s['train_loss_first'])} -> "
+        f"{fmt(s['train_loss_last'])}, val_loss {fmt(s['val_loss'])}" + (f", {metrics}" if metrics else ""),
+        f"Run folder: {p['run_dir']}",
+        f"  summary:     {p['run_dir']}/summary.json",
+        f"  config:      {p['config']}",
+        f"  checkpoint:  {p['last_checkpoint']}",
+        f"  metrics:     {p['metrics_csv'] or p['logs']}",
+        f"  loss curve:  {p['loss_curve']}",
+    ]
+    if p["exported"]:
+        lines.append(f"  weights:     {p['exported']}")
+    lines.append(f"Continue with: python -m mistral_ft.train resume={p['run_dir']} trainer.max_steps=N")
+    print("\n".join(lines), flush=True)

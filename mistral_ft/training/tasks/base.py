@@ -1,0 +1,273 @@
+"""What the fine-tuning LightningModules share: token-weighted steps, optimizer, schedule, lean checkpoints.
+
+The modules *hold* a model (ours, possibly wrapped by peft) instead of subclassing it: the model stays
+a plain HF-shaped `nn.Module` that saves, loads and exports on its own, and the training concerns
+(loss weighting, metrics, optimizer, checkpoint contents) live here.
+
+Token-weighted loss across micro-batches and ranks
+--------------------------------------------------
+The loss of an optimizer step is  sum of token losses over all its micro-batches and ranks / total
+target tokens of the step.  Lightning's accumulation divides each micro-batch loss by
+`accumulate_grad_batches` and DDP averages gradients over ranks: on their own they give a mean of
+per-batch means, which over-weights short batches. Worked example (one rank, k = 2):
+
+    micro-batch 1: 3 targets, summed loss S1;  micro-batch 2: 30 targets, summed loss S2
+    mean of means:   (S1/3 + S2/30) / 2     <- what plain accumulation optimizes
+    token-weighted:  (S1 + S2) / 33         <- what one batch holding both optimizes
+
+We cannot know the 30 while back-propagating the 3 (the data loader has not produced it yet), so
+each micro-batch back-propagates S_i / c with one constant c per step (the first micro-batch's
+target count, averaged over ranks so every rank uses the same c and keeps fp16 gradients in a sane
+range). After the last backward, when all targets are known, `on_before_optimizer_step` multiplies
+the gradients by  c * k * W / N  (N = all-reduced target count, k = accumulate_grad_batches, W = world
+size), which turns Lightning's  (1/W) sum_ranks (1/k) sum_i grad(S_i)/c  into  sum grad(S_i) / N.
+That hook runs after AMP unscaling and before gradient clipping, so clipping sees the true gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from mistral_ft.errors import UserError
+from mistral_ft.training.reliability import check_nonfinite, grad_probe
+
+IGNORE_INDEX = -100
+
+
+class CheckpointMismatchError(UserError):
+    """A checkpoint whose trainable weights do not match this run's (e.g. another peft config)."""
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+
+    Warmup is linear and reaches 1 at step `warmup_steps - 1` (so step 0 already moves the weights);
+    "cosine" then decays to `min_lr_ratio` at `total_steps`; "constant" stays at 1.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FineTuneTask(L.LightningModule):
+    """Base of the task modules; subclasses implement `loss_sum(batch)` and the validation metrics.
+
+    `config` is the whole resolved run config as a plain dict (never an OmegaConf object: checkpoints
+    are read with `torch.load(weights_only=True)`, which refuses those).
+    """
+
+    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(dict(config))
+        # Checkpoints hold only trainable weights; the frozen base comes from model.path on load.
+        self.strict_loading = False
+        self._norm: Optional[float] = None  # provisional per-step divisor c (see module docstring)
+        self._acc_loss = torch.zeros(())  # summed loss of the current step's micro-batches (this rank)
+        self._acc_targets = 0  # targets of the current step's micro-batches (this rank)
+        self._val_loss = 0.0
+        self._val_targets = 0
+        self.loss_history: list[tuple[int, float]] = []  # (optimizer step, token-weighted step loss), rank 0
+        self.val_history: list[dict[str, float]] = []
+        self.nonfinite_skips: list[dict[str, Any]] = []  # steps dropped with skip_nonfinite=true
+        self.tokens_seen = 0  # non-pad tokens trained on by this rank since this process started
+        self.tokens_before = 0  # all ranks' tokens of earlier (resumed-from) segments
+        self.train_time_s = 0.0  # training wall time without validation, over all resumed segments
+        self._t_start: Optional[float] = None
+        self._t_val: Optional[float] = None
+
+    def configure_model(self) -> None:
+        """strategy=fsdp: shard the model with FSDP2 (Lightning's ModelParallelStrategy calls this with
+        `self.device_mesh` set, after peft was applied); a no-op for the other strategies."""
+        strategy = self.cfg.get("strategy") or {}
+        if strategy.get("name") == "fsdp":
+            from mistral_ft.distributed.fsdp import shard_task_model
+
+            shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count real tokens on the host, before the batch moves to the device (no sync in the step)."""
+        if isinstance(batch, dict) and "input_ids" in batch:
+            mask = batch.get("attention_mask")
+            batch["num_tokens"] = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+    # ---- subclass interface -------------------------------------------------------------------
+    def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
+        """(summed loss over the batch's targets, number of targets, model output)."""
+        raise NotImplementedError
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return dict(self.hparams)
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n_targets, _ = self.loss_sum(batch)
+        if self._norm is None:  # first micro-batch of an optimizer step
+            first = torch.tensor(float(n_targets), device=loss_sum.device)
+            self._norm = max(1.0, float(self.trainer.strategy.reduce(first, reduce_op="mean")))
+        self._acc_loss = self._acc_loss.to(loss_sum.device) + loss_sum.detach().float()
+        self._acc_targets += n_targets
+        n_tokens = batch.get("num_tokens")  # counted on the host (on_before_batch_transfer): no sync
+        if n_tokens is None:
+            mask = batch.get("attention_mask")
+            n_tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens_seen += int(n_tokens)
+        return loss_sum / self._norm
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rescale the accumulated gradients to the token-weighted mean and log the step loss."""
+        if self._norm is None:  # no training_step since the last optimizer step (should not happen)
+            return
+        device = self._acc_loss.device
+        strategy = self.trainer.strategy
+        n_total = float(strategy.reduce(torch.tensor(float(self._acc_targets), device=device), reduce_op="sum"))
+        # + 0 or NaN when a gradient is not finite: the non-finite check rides on this one sync
+        probe = grad_probe(optimizer, device)
+        loss_total = float(strategy.reduce(self._acc_loss.clone() + probe, reduce_op="sum"))
+        if not math.isfinite(loss_total) and check_nonfinite(self, optimizer, loss_total / max(n_total, 1.0), self._acc_loss):
+            self._norm, self._acc_loss, self._acc_targets = None, torch.zeros((), device=device), 0
+            return  # skipped (skip_nonfinite=true): no gradients, no update; otherwise it raised
+        scale = self._norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        step_loss = loss_total / max(n_total, 1.0)
+        self.loss_history.append((int(self.global_step), step_loss))
+        self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self.log("lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=1)
+        self.log("train_targets", n_total, on_step=True, on_epoch=False, batch_size=1)
+        self._norm = None
+        self._acc_loss = torch.zeros((), device=device)
+        self._acc_targets = 0
+
+    def on_train_start(self) -> None:
+        self._t_start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        if self._t_start is not None:
+            self.train_time_s += time.perf_counter() - self._t_start
+            self._t_start = None
+
+    # ---- validation ---------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._t_val = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # Validation time is not training time: keep tokens_per_s honest.
+        if self._t_val is not None and self._t_start is not None:
+            self._t_start += time.perf_counter() - self._t_val
+        self._t_val = None
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n_targets, out = self.loss_sum(batch)
+        self._val_loss += float(loss_sum.detach().float())
+        self._val_targets += n_targets
+        self.update_val_metrics(batch, out)
+
+    def update_val_metrics(self, batch: Mapping[str, torch.Tensor], out: Any) -> None:
+        """Hook for task metrics (classification); the causal LM has none beyond the loss."""
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        """Task metrics to log at the end of validation, given the token-weighted val loss."""
+        return {}
+
+    def on_validation_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        device = self.device
+        total = float(strategy.reduce(torch.tensor(self._val_loss, device=device), reduce_op="sum"))
+        n = float(strategy.reduce(torch.tensor(float(self._val_targets), device=device), reduce_op="sum"))
+        self._val_loss, self._val_targets = 0.0, 0
+        if n == 0:
+            return
+        metrics = {"val_loss": total / n, **self.val_metrics(total / n)}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key == "val_loss", batch_size=1)
+        if not self.trainer.sanity_checking:
+            self.val_history.append({"step": int(self.global_step), **metrics})
+
+    # ---- optimizer ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = self.cfg["optimizer"]
+        sched_cfg = self.cfg["scheduler"]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
+        # Weight decay on matrices only: decaying norm gains and biases toward 0 hurts (GPT-2/BERT practice).
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        # adamw8bit: bitsandbytes' block-wise 8-bit Adam states (Dettmers et al. 2022), 2 bytes per
+        # parameter instead of 8; runs on CPU too (checked with bitsandbytes 0.50).
+        adamw: Any = torch.optim.AdamW
+        if opt_cfg["name"] == "adamw8bit":
+            import bitsandbytes as bnb
+
+            adamw = bnb.optim.AdamW8bit
+        optimizer = adamw(
+            groups, lr=float(opt_cfg["lr"]), betas=tuple(opt_cfg["betas"]), eps=float(opt_cfg["eps"])
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
+            self.trainer.estimated_stepping_batches
+        )
+        warmup, kind, min_ratio = int(sched_cfg["warmup_steps"]), str(sched_cfg["name"]), float(sched_cfg["min_lr_ratio"])
+
+        def factor(step: int) -> float:
+            return lr_factor(step, warmup_steps=warmup, total_steps=total, kind=kind, min_lr_ratio=min_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights: a LoRA checkpoint of a 7B model is megabytes, not 14 GB."""
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["mistral_ft"] = {
+            "loss_history": [[s, v] for s, v in self.loss_history],
+            "val_history": [dict(v) for v in self.val_history],
+            "nonfinite_skips": [dict(v) for v in self.nonfinite_skips],
+            "tokens_seen": self.total_tokens_seen(),
+            "train_time_s": float(self.train_time_s + (time.perf_counter() - self._t_start if self._t_start else 0.0)),
+            "trainable_keys": sorted(keep),
+        }
+
+    def total_tokens_seen(self) -> int:
+        """Tokens trained on over all ranks and resumed segments (collective: call on every rank)."""
+        local = torch.tensor(float(self.tokens_seen), device=self.device)
+        return self.tokens_before + int(self.trainer.strategy.reduce(local, reduce_op="sum"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with other trainable weights: strict=False would load nothing silently."""
+        saved = set(checkpoint.get("state_dict", {}))
+        expected = self.trainable_names()
+        if saved != expected:
+            missing = sorted(expected - saved)[:3]
+            unexpected = sorted(saved - expected)[:3]
+            raise CheckpointMismatchError(
+                "the checkpoint's trainable weights do not match this run's (was it trained with another "
+                f"peft/model config?): missing {missing}, unexpected {unexpected}"
+            )
+        extra = checkpoint.get("mistral_ft", {})
+        self.loss_history = [(int(s), float(v)) for s, v in extra.get("loss_history", [])]
+        self.val_history = [dict(v) for v in extra.get("val_history", [])]
+        self.nonfinite_skips = [dict(v) for v in extra.get("nonfinite_skips", [])]
+        self.tokens_before = int(extra.get("tokens_seen", 0))
+        self.tokens_seen = 0
+        self.train_time_s = float(extra.get("train_time_s", 0.0))

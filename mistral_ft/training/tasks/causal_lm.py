@@ -1,0 +1,52 @@
+"""Instruction tuning / continued pre-training of a causal LM.
+
+Prompt masking happens in the data pipeline (prompt tokens carry label -100); this module sums the
+token losses (the model's `loss_reduction="sum"`) so that `FineTuneTask` can weight an optimizer
+step by its target tokens, and reports validation loss and perplexity over all validation tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mistral_ft.training.tasks.base import IGNORE_INDEX, FineTuneTask
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Targets the model's shifted loss counts: position t predicts labels[t + 1] unless it is -100."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+class CausalLMTask(FineTuneTask):
+    """Holds a `MistralForCausalLM` (or its peft wrapper); batches come from the data collator."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count targets and tokens on the host, before the batch moves to the GPU: no device sync later."""
+        if isinstance(batch, dict) and "labels" in batch:
+            batch["num_targets"] = count_targets(batch["labels"])
+        return super().on_before_batch_transfer(batch, dataloader_idx)
+
+    def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
+        labels = batch["labels"]
+        extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}  # packed rows
+        chunk = int((self.cfg.get("model") or {}).get("loss_chunk_size") or 0)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=labels,
+            loss_reduction="sum",
+            # fused linear + cross-entropy, chunk by chunk: (B, T, V) fp32 logits never exist
+            loss_chunk_size=chunk or None,
+            return_logits=not chunk,
+            **extra,
+        )
+        n = batch["num_targets"] if "num_targets" in batch else count_targets(labels)
+        return out.loss, int(n), out
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        # exp of the token-weighted mean NLL; capped so a diverged run logs a number, not inf
+        return {"val_ppl": math.exp(min(val_loss, 50.0))}

@@ -1,0 +1,122 @@
+"""Sequence classification (single-label CE, multi-label BCE) and regression (MSE).
+
+The loss follows transformers' rules (`problem_type`, or inferred: one label -> MSE, integer labels ->
+CE ignoring -100, else BCE), but is computed here as a *sum* over examples so that `FineTuneTask`
+weights an optimizer step by its labelled examples, exactly as the causal LM weights by tokens.
+Metrics (torchmetrics, synced across ranks): accuracy and macro-F1, or MSE and R2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from mistral_ft.training.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> tuple[torch.Tensor, int]:
+    """(summed loss, number of counted examples) for pooled `logits` (B, num_labels).
+
+    Single-label: CE summed over rows whose label is not -100. Multi-label: BCE averaged over the
+    labels of a row, summed over rows (one batch: equal to transformers' element mean). Regression:
+    squared error summed over rows (num_labels == 1) or over rows of per-row means.
+    """
+    logits = logits.float()
+    if problem_type == "single_label_classification":
+        labels = labels.view(-1).long()
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((labels != IGNORE_INDEX).sum())
+    if problem_type == "multi_label_classification":
+        per_row = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
+        return per_row.sum(), int(labels.shape[0])
+    if problem_type == "regression":
+        target = labels.float().view(logits.shape[0], -1)
+        per_row = F.mse_loss(logits.view(logits.shape[0], -1), target, reduction="none").mean(-1)
+        return per_row.sum(), int(labels.shape[0])
+    raise ValueError(f"problem_type: {problem_type!r} is not one of {list(PROBLEM_TYPES)}")
+
+
+class ClassificationTask(FineTuneTask):
+    """Holds a `MistralForSequenceClassification` (or its peft wrapper, `score` trained in full).
+
+    `num_labels`, `problem_type` and `id2label` are read from the model config, which train.py builds
+    from the data's label names; they travel in the hyperparameters of every checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__(model, config)
+        mcfg = model.config
+        self.num_labels = int(mcfg.num_labels)
+        self.problem_type = str(mcfg.problem_type or self._infer_problem_type(self.num_labels))
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type: {self.problem_type!r} is not one of {list(PROBLEM_TYPES)}")
+        self.id2label: dict[int, str] = {int(k): str(v) for k, v in (mcfg.id2label or {}).items()}
+        self.metrics = nn.ModuleDict(self._make_metrics())
+
+    @staticmethod
+    def _infer_problem_type(num_labels: int) -> str:
+        return "regression" if num_labels == 1 else "single_label_classification"
+
+    def _make_metrics(self) -> dict[str, torchmetrics.Metric]:
+        n = self.num_labels
+        if self.problem_type == "regression":
+            return {"val_mse": torchmetrics.MeanSquaredError(), "val_r2": torchmetrics.R2Score()}
+        if self.problem_type == "multi_label_classification":
+            return {
+                "val_accuracy": torchmetrics.classification.MultilabelAccuracy(num_labels=n),
+                "val_f1": torchmetrics.classification.MultilabelF1Score(num_labels=n, average="macro"),
+            }
+        return {
+            "val_accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro", ignore_index=IGNORE_INDEX),
+            "val_f1": torchmetrics.classification.MulticlassF1Score(num_classes=n, average="macro", ignore_index=IGNORE_INDEX),
+        }
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled logits (B, num_labels)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        loss, n = classification_loss_sum(logits, batch["labels"], self.problem_type)
+        return loss, n, logits
+
+    def update_val_metrics(self, batch: Mapping[str, torch.Tensor], out: Any) -> None:
+        logits = out.detach().float()
+        labels = batch["labels"]
+        if self.problem_type == "regression":
+            preds, target = logits.view(-1), labels.float().view(-1)
+        elif self.problem_type == "multi_label_classification":
+            preds, target = torch.sigmoid(logits), labels.long()
+        else:
+            preds, target = logits.argmax(-1), labels.view(-1).long()
+        for metric in self.metrics.values():
+            metric.update(preds, target)
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        out = {}
+        for name, metric in self.metrics.items():
+            out[name] = float(metric.compute())
+            metric.reset()
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mistral_ft"]["id2label"] = {int(k): v for k, v in self.id2label.items()}
+        checkpoint["mistral_ft"]["problem_type"] = self.problem_type
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The head's rows mean labels: resuming with another label order would silently scramble them."""
+        saved = {int(k): str(v) for k, v in checkpoint.get("mistral_ft", {}).get("id2label", {}).items()}
+        if saved and saved != self.id2label:
+            raise CheckpointMismatchError(
+                f"label mapping changed since the checkpoint: checkpoint {saved}, this run {self.id2label} "
+                "(set data.labels to the checkpoint's order)"
+            )
+        super().on_load_checkpoint(checkpoint)
