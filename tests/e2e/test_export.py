@@ -19,7 +19,12 @@ from mistral_ft.checkpoints.export import CHECK_TEXT
 from mistral_ft.export import main as export_main
 from mistral_ft.train import main as train_main
 
-torch.set_num_threads(1)  # tiny matrices: one intra-op thread is faster on the shared machine
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny matrices: one intra-op thread is faster on the shared machine. A fixture, not a module-level
+    set_num_threads: that ran at collection and changed the thread count of every later test in the process."""
+    yield
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_steps=2",
          "data.batch_size=2", "data.validation_file=null", "checkpoint.every_n_train_steps=1",

@@ -40,8 +40,9 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def _child(argv: list[str], env: dict[str, str]) -> None:
+def _child(argv: list[str], env: dict[str, str], threads: int) -> None:
     os.environ.update(env)
+    torch.set_num_threads(threads)  # the parent's count: CPU reductions split by thread give other last bits
     os._exit(main(argv))
 
 
@@ -50,7 +51,7 @@ def _killed_fork(run: Path, kill: str) -> int:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "lightning", "peft", "mistral_ft.train"])
     proc = ctx.Process(target=_child, args=(RUN_ARGS + [f"hydra.run.dir={run}", "resume=auto"],
-                                            {"MISTRAL_FT_TEST_KILL": kill}))
+                                            {"MISTRAL_FT_TEST_KILL": kill}, torch.get_num_threads()))
     proc.start()
     proc.join(timeout=300)
     return proc.exitcode
