@@ -230,3 +230,61 @@ def test_fsdp_dora_and_full_finetuning_match_one_process(method, tmp_path):
     assert main([*COMMON, "trainer.devices=1", "data.batch_size=4", "checkpoint.save_adapter=false", *extra,
                  f"hydra.run.dir={single}"]) == 0
     torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(single)), rtol=1e-5, atol=0)
+
+
+# ---- two nodes of one process each, on localhost ---------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(run_dir: Path, launch: list[str], node_env: list[dict[str, str]], cwd: Path) -> None:
+    """Start both "nodes" at once (each blocks in the rendezvous until the other joins) and wait for both."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK", "TORCHELASTIC"))}
+    base["OMP_NUM_THREADS"] = "1"
+    args = [*COMMON, "strategy=ddp", "trainer.num_nodes=2", "trainer.devices=1", "data.batch_size=2",
+            f"hydra.run.dir={run_dir}"]
+    procs = [subprocess.Popen([*launch[i], "-m", "mistral_ft.train", *args], cwd=cwd, env={**base, **node_env[i]},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = []
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_match_one_process_with_the_same_global_batch(single_run, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0/1: Lightning's TorchElasticEnvironment, gloo."""
+    port = str(_free_port())
+    launch = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port] for r in range(2)]
+    run = tmp_path / "run"
+    _two_nodes(run, launch, [{}, {}], cwd=tmp_path)
+    summary = _summary(run)
+    assert summary["world_size"] == 2 and summary["global_step"] == STEPS
+    assert summary["tokens_seen"] == _summary(single_run)["tokens_seen"]  # each node trained on its own half
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(single_run)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_slurm_two_nodes_match_one_process_with_the_same_global_batch(single_run, tmp_path):
+    """What `srun` sets for --nodes=2 --ntasks-per-node=1 (Lightning's SLURMEnvironment), set by hand."""
+    port = str(_free_port())
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mistral_ft", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_NNODES": "2", "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    nodes = [{**job, "SLURM_PROCID": str(r), "SLURM_LOCALID": "0", "SLURM_NODEID": str(r)} for r in range(2)]
+    run = tmp_path / "run"
+    _two_nodes(run, [[sys.executable]] * 2, nodes, cwd=tmp_path)
+    summary = _summary(run)
+    assert summary["world_size"] == 2 and summary["global_step"] == STEPS
+    assert summary["tokens_seen"] == _summary(single_run)["tokens_seen"]
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(single_run)), rtol=1e-6, atol=0)
