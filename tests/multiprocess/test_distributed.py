@@ -4,7 +4,8 @@ Why subprocesses: Lightning starts rank 1 by replaying the command line, so a re
 `python -m mistral_ft.train ... trainer.devices=2` from a shell. The single-process reference runs
 in-process (`main(argv)`) with `data.batch_size` doubled: our sampler shards one seeded global order
 `rank::world`, so the two ranks' batches of 2 together are the single process's batch of 4, and the
-token-weighted loss of a step is the same number either way (fp32, dropout 0).
+token-weighted loss of a step is the same number either way (fp32, dropout 0). Multi-node (2 nodes x 1
+process on localhost, `-m slow`): torchrun, and scripts/slurm/multi_node.sbatch under a stand-in srun.
 """
 
 from __future__ import annotations
