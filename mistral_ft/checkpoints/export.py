@@ -41,7 +41,7 @@ from mistral_ft.errors import ExportError
 from mistral_ft.model import MistralConfig, MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.hub import is_hub_id
 from mistral_ft.model.weights import save_state_dict
-from mistral_ft.runs import BASE_RECORD, check_base, model_folder
+from mistral_ft.runs import BASE_RECORD, TASK_MODEL, check_base, model_folder
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.tokenizer.files import find_in_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,7 +74,7 @@ class Run:
 
         self.config: dict[str, Any] = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
         self.method = str(self.config.get("peft", {}).get("method", "lora"))
-        self.task = str(self.config.get("task", "causal_lm"))
+        self.task = TASK_MODEL.get(str(self.config.get("task", "causal_lm")), "causal_lm")  # the model it trained
         self.state: Optional[dict[str, torch.Tensor]] = None  # checkpoint weights, run-config-checked
         self.extra: dict[str, Any] = {}
         if self.ckpt is None and not self._exported_folder().is_dir():
@@ -146,7 +146,7 @@ class Run:
             summary = self.dir / "summary.json"
             if summary.is_file():
                 id2label = json.loads(summary.read_text()).get("id2label")
-        if str(self.config.get("data", {}).get("format")) == "regression":
+        if str(self.config.get("data", {}).get("format")) in ("regression", "preference"):  # + reward models
             return {"num_labels": 1, "problem_type": "regression"}
         if not id2label:
             raise ExportError(f"{self.dir}: cannot find the label names of this classification run "

@@ -14,6 +14,7 @@ Canonical rows:
                     then may be None); tool: "tool_call_id"
     classification  {"text": str, "label": str | int}  (name or id; ids are resolved later)
     regression      {"text": str, "label": float}
+    preference      {"prompt": [messages ending with user], "chosen": str, "rejected": str}  (see normalize_pair)
 """
 
 from __future__ import annotations
@@ -313,7 +314,69 @@ def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[
     if fmt == "regression":
         text = _text(_field(row, cfg.text_field), cfg.text_field)
         return {"text": text, "label": _float_target(_field(row, cfg.label_field), cfg.label_field, from_csv)}
+    if fmt == "preference":
+        return normalize_pair(row, cfg, from_csv)
     raise ValueError(f"unknown format {fmt!r}")  # DataConfig.validate rules this out
+
+
+# ---- preference pairs (tokenized and batched in data/preference.py) ---------------------------------------------------------------------------------------
+def _prompt_messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
+    if isinstance(value, str) and not (from_csv and value.lstrip().startswith("[")):
+        return [{"role": "user", "content": _text(value, name)}]
+    if from_csv and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RowError(name, f"CSV cell is not a string prompt nor a JSON list of messages ({err.msg})") from None
+    if not isinstance(value, list) or not value:
+        raise RowError(name, f"expected a string or a non-empty list of messages, got {type(value).__name__}")
+    last = value[-1].get("role") if isinstance(value[-1], Mapping) else None
+    if last in ("assistant", "system"):
+        raise RowError(f"{name}[{len(value) - 1}].role", f"a prompt must end with a user message, got {last!r}")
+    # the message checks of format "messages", on the prompt plus a placeholder answer
+    return _messages(list(value) + [{"role": "assistant", "content": "-"}], name, False)[:-1]
+
+
+def _answer(value: Any, name: str, from_csv: bool) -> str:
+    if from_csv and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain answer that happens to start with "["
+    if isinstance(value, list):  # TRL's conversational form: [{"role": "assistant", "content": ...}]
+        if len(value) != 1 or not isinstance(value[0], Mapping):
+            raise RowError(name, f"expected one assistant message, got a list of {len(value)} items")
+        if value[0].get("role") != "assistant":
+            raise RowError(f"{name}[0].role", f"expected 'assistant', got {value[0].get('role')!r}")
+        if value[0].get("content") is None:
+            raise RowError(f"{name}[0].content", "missing")
+        return _text(value[0]["content"], f"{name}[0].content")
+    return _text(value, name)
+
+
+def normalize_pair(row: Mapping[str, Any], cfg: DataConfig, from_csv: bool = False) -> dict[str, Any]:
+    """One raw preference row -> {"prompt": [messages], "chosen": str, "rejected": str}, or `RowError`."""
+    cf, rf = cfg.chosen_field, cfg.rejected_field
+    if row.get(cfg.prompt_field) is not None:
+        prompt = _prompt_messages(row[cfg.prompt_field], cfg.prompt_field, from_csv)
+        chosen, rejected = _answer(_field(row, cf), cf, from_csv), _answer(_field(row, rf), rf, from_csv)
+    else:  # (a null prompt counts as absent: `datasets` fills a field missing in some rows with None)
+        conv_c = _messages(_field(row, cf), cf, from_csv)
+        conv_r = _messages(_field(row, rf), rf, from_csv)
+        key = lambda m: (m["role"], m["content"])  # noqa: E731
+        shared = next((i for i, (a, b) in enumerate(zip(conv_c, conv_r)) if key(a) != key(b)), min(len(conv_c), len(conv_r)))
+        if len(conv_c) != len(conv_r) or shared < len(conv_c) - 1:
+            raise RowError(
+                f"{rf}[{shared}]",
+                f"differs from {cf}[{shared}]: chosen and rejected conversations must share every message "
+                "but the last (the prompt), and end with one assistant answer each",
+            )
+        prompt = [{"role": m["role"], "content": m["content"], "weight": m["weight"]} for m in conv_c[:-1]]
+        chosen, rejected = conv_c[-1]["content"], conv_r[-1]["content"]
+    if chosen == rejected:
+        raise RowError(rf, "identical to the chosen answer: a pair must prefer one answer over a different one")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
 
 
 def tokenize_causal(row: dict[str, Any], tokenizer: ChatTokenizer) -> tuple[list[int], list[int]]:

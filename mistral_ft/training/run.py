@@ -8,7 +8,6 @@ call in-process); each step is a function of its own here or in the module that 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import json
 import time
@@ -20,12 +19,12 @@ from mistral_ft.adapters.lora import apply_peft, trainable_parameter_count
 from mistral_ft.data import MistralDataModule
 from mistral_ft.distributed.fsdp import gather_trainable, is_sharded
 from mistral_ft.distributed.rank_local import meta_model, rank_local_load_applies
-from mistral_ft.distributed.checks import requested_devices
+from mistral_ft.distributed.checks import launcher_ranks, requested_devices
 from mistral_ft.errors import ConfigError, TrainingStopped
 
 from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.attention import resolve_attn_implementation
-from mistral_ft.runs import model_folder, record_base, resolve_resume
+from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resume
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
@@ -54,7 +53,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     run_dir = Path(run_dir).resolve()
     ckpt_dir = run_dir / "checkpoints"
     resume_ckpt = c.get("resume")
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    rank, local_rank = launcher_ranks()
     if not resume_ckpt and rank == 0 and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass resume={run_dir} to continue it, "
                           "or choose another hydra.run.dir")
@@ -82,7 +81,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     info = datamodule.info
     assert info is not None
 
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     model = build_model(c, model_path, info, device)
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
@@ -98,6 +97,10 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
 
     trainer = build_trainer(c, run_dir, precision)
+    if trainer.world_size > 1:  # which launcher Lightning found: the line to read when a multi-node job hangs
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        log.info("rank %d of %d (node %d, local rank %d): %s", trainer.global_rank, trainer.world_size,
+                 trainer.node_rank, trainer.local_rank, type(env).__name__)
     try:
         return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
                                choices=choices, trainable=trainable, total=total, t_wall=t_wall)
@@ -150,9 +153,11 @@ def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) ->
     kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
                                   attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
                                                                                   device))
-    if c["task"] == "causal_lm":
+    if TASK_MODEL[c["task"]] == "causal_lm":
         return MistralForCausalLM.from_pretrained(model_path, **kwargs)
-    if info.format == "regression":
+    if c["task"] == "reward":  # one scalar score per sequence
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif info.format == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     else:
         id2label = {int(k): str(v) for k, v in (info.id2label or {}).items()}
@@ -199,7 +204,7 @@ def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
     rng = torch.random.get_rng_state()  # what peft draws the LoRA init from (replayed by a rank-local load)
-    model = apply_peft(model, c["peft"], task=str(c["task"]), device=device)
+    model = apply_peft(model, c["peft"], task=TASK_MODEL[str(c["task"])], device=device)
     if rank_local:
         model.rank_local_source = (model_path, rng)
     model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
