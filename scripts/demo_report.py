@@ -1,8 +1,8 @@
 """The demo's "did it learn?" report: exact match on held-out chats before -> after fine-tuning.
 
-    python -m mistral_ft.evaluation.demo_report --run RUN [--data data/instruct_val.jsonl] [--show 5]
+    python scripts/demo_report.py --run RUN [--data data/instruct_val.jsonl] [--show 5]
 
-Why a separate step: the base (without the adapter) and the fine-tuned model (base + the run's adapter) are
+Why a script beside run_demo.sh (not library code): it drives the generate CLI's loader. Why a separate step: the base (without the adapter) and the fine-tuned model (base + the run's adapter) are
 scored with the same :func:`~mistral_ft.evaluation.generation_eval.exact_match`, so the "before" number is
 measured, not assumed. ``scripts/run_demo.sh`` calls it after training.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .generation_eval import exact_match
+from mistral_ft.evaluation.generation_eval import exact_match
 
 
 def read_conversations(path: Path) -> list[dict]:
@@ -23,7 +23,7 @@ def read_conversations(path: Path) -> list[dict]:
 
 def report(run: Path, data: Path, show: int = 5, max_new_tokens: int = 32) -> dict:
     """Score base and fine-tuned model on ``data``; print a few samples and both scores; return the numbers."""
-    from ..generate import load, resolve_run
+    from mistral_ft.generate import load, resolve_run
 
     base_path, adapter = resolve_run(run)
     conversations = read_conversations(data)
@@ -45,7 +45,7 @@ def report(run: Path, data: Path, show: int = 5, max_new_tokens: int = 32) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished training run folder")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "bundled_data" / "instruct_val.jsonl")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "mistral_ft" / "bundled_data" / "instruct_val.jsonl")
     parser.add_argument("--show", type=int, default=5, help="samples to print")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
