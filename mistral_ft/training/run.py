@@ -31,7 +31,8 @@ from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
 from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice
-from mistral_ft.training.schema import Sources, strip_secrets, validate_config
+from mistral_ft.training.evaluation import GenerationEval, load_references
+from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
 from mistral_ft.training.tasks import TASKS
 
@@ -73,6 +74,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
+    generation_eval = build_generation_eval(c, tokenizer, run_dir)  # bad eval input fails before data and model load
     data_cfg = dict(c["data"])
     batch_size = int(data_cfg.pop("batch_size"))
     eval_batch_size = data_cfg.pop("eval_batch_size", None)
@@ -93,6 +95,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     hparams = strip_secrets(c)
     hparams["data_info"] = info.to_dict()
     module = TASKS[task](model, hparams)
+    module.generation_eval = generation_eval
 
     if rank == 0:  # the run folder's descriptive files, written only now that data and model loaded
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
@@ -143,6 +146,15 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
                             trainable=trainable, total=total, exported=exported)
     print_report(summary)
     return summary
+
+
+def build_generation_eval(c: Mapping[str, Any], tokenizer: Any, run_dir: Path) -> Any:
+    """The generation evaluation the causal-LM task runs at each validation (None when eval is off)."""
+    settings = EvalSchema.from_config(c.get("eval"))
+    if not settings.enabled:
+        return None
+    refs = load_references(c["data"], settings.num_samples)
+    return GenerationEval(settings, refs, tokenizer, run_dir / "eval_samples.jsonl")
 
 
 def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:

@@ -35,7 +35,8 @@ def _summary(run_dir: Path) -> dict:
 def instruct_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("instruct") / "run"
     rc = main(["recipe=instruct_lora", "model=tiny", f"trainer.max_steps={INSTRUCT_STEPS}",
-               "checkpoint.every_n_train_steps=10", f"hydra.run.dir={run_dir}", *QUIET])
+               "checkpoint.every_n_train_steps=10", "eval.num_samples=6", "eval.max_new_tokens=12",
+               f"hydra.run.dir={run_dir}", *QUIET])
     assert rc == 0
     return run_dir
 
@@ -73,6 +74,23 @@ def test_instruct_lora_loss_falls_and_run_folder_is_complete(instruct_run):
     assert {"train_loss", "val_loss", "lr", "step"} <= set(header)
     config = (instruct_run / "config.yaml").read_text()
     assert "lm_head" in config and f"max_steps: {INSTRUCT_STEPS}" in config
+
+
+def test_instruct_run_reports_generation_eval(instruct_run):
+    """The tiny default runs the generation eval (specialize/instruct_lora_tiny.yaml): before, at each
+    validation, in summary.json, the sample table and the report; its cost apart from training time."""
+    s = _summary(instruct_run)
+    for key in ("val_exact_match", "val_normalised_match", "val_mean_generated_tokens"):
+        assert 0 <= s[key] and key in s["val_history"][-1], key
+        assert key in s["eval_before"], key
+    assert s["eval_before"]["val_mean_generated_tokens"] > 0  # the random base rambles before fine-tuning
+    assert s["eval_time_s"] > 0 and s["train_time_s"] > 0
+    rows = [json.loads(line) for line in Path(s["paths"]["eval_samples"]).read_text().splitlines()]
+    assert len(rows) == 6 and {"prompt", "reference", "generated"} <= set(rows[0])
+    assert s["val_exact_match"] == sum(r["exact"] for r in rows) / 6
+    assert any("before fine-tuning" in line for line in s["eval_report"])
+    header = Path(s["paths"]["metrics_csv"]).read_text().splitlines()[0].split(",")
+    assert "val_exact_match" in header
 
 
 def test_classify_beats_chance(classify_run):
