@@ -86,6 +86,12 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
     }
     if gen is not None:
         summary["eval_report"] = gen.report_lines()
+    details = getattr(module, "last_details", None) or {}
+    if "confusion" in details:
+        summary["class_report"] = details
+        summary["paths"]["confusion_matrix"] = str(plot_confusion(details, run_dir / "confusion_matrix.png"))
+    elif "preds" in details:
+        summary["paths"]["regression_scatter"] = str(plot_regression(details, run_dir / "regression_scatter.png"))
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     plot_losses(module.loss_history, module.val_history, run_dir / "loss_curve.png")
@@ -123,6 +129,51 @@ def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, f
     plt.close(fig)
 
 
+def plot_confusion(report: Mapping[str, Any], path: Path) -> Path:
+    """The last validation's confusion matrix (rows true, columns predicted) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, counts = report["labels"], report["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in counts) or 1
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_regression(points: Mapping[str, Sequence[float]], path: Path) -> Path:
+    """Predicted vs true targets of the last validation, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(points["target"], points["preds"], s=10, alpha=0.7)
+    lo = min([*points["target"], *points["preds"]], default=0.0)
+    hi = max([*points["target"], *points["preds"]], default=1.0)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def print_report(s: Mapping[str, Any]) -> None:
     p = s["paths"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -140,6 +191,10 @@ def print_report(s: Mapping[str, Any]) -> None:
     ]
     if p["exported"]:
         lines.append(f"  weights:     {p['exported']}")
+    if p.get("confusion_matrix"):
+        lines.append(f"  confusion:   {p['confusion_matrix']}")
+    if p.get("regression_scatter"):
+        lines.append(f"  scatter:     {p['regression_scatter']}")
     lines += s.get("eval_report") or []
     if p.get("eval_samples"):
         lines.append(f"  eval table:  {p['eval_samples']} (generation eval: {s['eval_time_s']:.1f}s, not in train time)")

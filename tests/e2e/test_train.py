@@ -103,6 +103,18 @@ def test_classify_beats_chance(classify_run):
 
 
 # ---- checkpoints hold only what trains ------------------------------------------------------------
+def test_classify_reports_per_class_metrics_and_confusion_png(classify_run):
+    s = _summary(classify_run)
+    rep = s["class_report"]
+    counts = rep["confusion"]
+    assert rep["labels"] == [s["id2label"][str(i)] for i in range(len(rep["labels"]))]
+    assert sum(map(sum, counts)) == s["data"]["val_examples"]  # every validation example counted once
+    # the matrix's diagonal is the accuracy torchmetrics logged
+    assert sum(counts[i][i] for i in range(len(counts))) / sum(map(sum, counts)) == pytest.approx(s["val_accuracy"])
+    assert set(rep["precision"]) == set(rep["labels"]) == set(rep["recall"])
+    assert Path(s["paths"]["confusion_matrix"]).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_checkpoint_holds_no_frozen_base_weights(instruct_run):
     ckpt = _load(instruct_run / "checkpoints" / "last.ckpt")
     keys = list(ckpt["state_dict"])
@@ -435,3 +447,17 @@ def test_token_weighted_loss_across_ddp_ranks(tmp_path):
     single = _grads_after_one_step(one, accumulate=1)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_regression_run_writes_a_scatter_png(tmp_path):
+    rows = "".join(json.dumps({"text": f"value {i}", "label": float(i % 5)}) + "\n" for i in range(16))
+    data = tmp_path / "reg.jsonl"
+    data.write_text(rows)
+    run_dir = tmp_path / "run"
+    rc = main(["recipe=classify", "model=tiny", "data.format=regression", f"data.train_file={data}",
+               f"data.validation_file={data}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+               f"hydra.run.dir={run_dir}", *QUIET])
+    assert rc == 0
+    s = _summary(run_dir)
+    assert s["val_mse"] is not None and s["val_r2"] is not None
+    assert Path(s["paths"]["regression_scatter"]).read_bytes()[:4] == b"\x89PNG"

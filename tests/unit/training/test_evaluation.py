@@ -172,3 +172,23 @@ def test_eval_on_rows_without_references_exits_2_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "no reference answers" in err and "Traceback" not in err
     assert not run_dir.exists()
+
+
+def test_class_report_on_hand_made_predictions():
+    """Confusion counts, per-class precision / recall (torchmetrics' confusion matrix), macro-F1 agreeing."""
+    import torchmetrics
+
+    from mistral_ft.training.tasks.classification import class_report
+
+    preds = torch.tensor([0, 0, 0, 1, 1, 1, 2, 0])
+    target = torch.tensor([0, 0, 1, 1, 1, 0, 2, -100])  # the last row is ignored, like a -100 label in training
+    cm = torchmetrics.classification.MulticlassConfusionMatrix(num_classes=3, ignore_index=-100)(preds, target)
+    rep = class_report(cm, ["a", "b", "c"])
+    assert rep["confusion"] == [[2, 1, 0], [1, 2, 0], [0, 0, 1]]
+    assert rep["precision"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 1.0})
+    assert rep["recall"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 1.0})
+    never = class_report(torch.tensor([[1, 0], [1, 0]]), ["x", "y"])  # y never predicted: precision 0, not NaN
+    assert never["precision"] == {"x": 0.5, "y": 0.0} and never["recall"] == {"x": 1.0, "y": 0.0}
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(rep["precision"].values(), rep["recall"].values())]
+    macro = torchmetrics.classification.MulticlassF1Score(num_classes=3, average="macro", ignore_index=-100)(preds, target)
+    assert sum(f1) / 3 == pytest.approx(float(macro))
