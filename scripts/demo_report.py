@@ -36,7 +36,7 @@ def report(run: Path, data: Path, show: int = 5, max_new_tokens: int = 32) -> di
         print(f"  Q: {b['prompt']!r}\n     expected {b['reference']!r}\n     before   {b['generated']!r}\n"
               f"     after    {a['generated']!r}")
     n = len(conversations)
-    print(f"Exact match on {n} held-out chats: {before.exact_match:.1%} -> {after.exact_match:.1%} "
+    print(f"Exact match on {n} chats of {data.name}: {before.exact_match:.1%} -> {after.exact_match:.1%} "
           f"(normalised {before.normalised_match:.1%} -> {after.normalised_match:.1%})")
     return {"n": n, "before": before.exact_match, "after": after.exact_match,
             "before_normalised": before.normalised_match, "after_normalised": after.normalised_match}
