@@ -235,3 +235,46 @@ def write_samples(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                                "generated": r["generated"], "exact": r["exact"], "normalised": r["normalised"]},
                               ensure_ascii=False) + "\n" for r in rows)
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---- evaluating a finished model over a data file (python -m mistral_ft.evaluate) ------------------------
+def loss_over_file(model: torch.nn.Module, tokenizer: Any, data_cfg: Mapping[str, Any], batch_size: int) -> dict[str, float]:
+    """Token-weighted loss and perplexity over every row of a causal data file, with the training pipeline's
+    tokenization and masking (loss on assistant answers and their EOS only)."""
+    from torch.utils.data import DataLoader
+
+    from mistral_ft.data.collate import Collator
+    from mistral_ft.data.dataset import build_datasets
+    from mistral_ft.training.tasks.causal_lm import count_targets
+
+    dataset, _, info = build_datasets(dict(data_cfg), tokenizer)
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id or 0)):
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        labels=batch["labels"].to(device), loss_reduction="sum")
+            total += float(out.loss)
+            n += count_targets(batch["labels"])
+    loss = total / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "target_tokens": float(n), "rows": float(info.train_rows)}
+
+
+def evaluate_files(model_path: str, adapter: Optional[str], data_cfg: Mapping[str, Any], settings: Any,
+                   out_dir: Path) -> dict[str, Any]:
+    """Loss / perplexity and the generation metrics of a model (+ adapter) over one data file, written to
+    ``out_dir`` (evaluate_summary.json, eval_samples.jsonl). Inputs are checked before ``out_dir`` is made."""
+    from mistral_ft.checkpoints.load import load
+    from mistral_ft.fs import atomic_write_bytes
+
+    refs = load_references(data_cfg, settings.num_samples)  # bad data / no references: before any output
+    model, tokenizer, folder = load(model_path, adapter, device="cpu" if not torch.cuda.is_available() else None)
+    losses = loss_over_file(model, tokenizer, data_cfg, settings.batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = GenerationEval(settings, refs, tokenizer, out_dir / "eval_samples.jsonl")
+    metrics = ev.run(model)
+    summary = {"model": str(folder), "adapter": str(adapter) if adapter else None, "data": data_cfg["train_file"],
+               **losses, **metrics, "eval_time_s": ev.time_s, "samples": len(refs),
+               "max_new_tokens": settings.max_new_tokens, "eval_samples": str(out_dir / "eval_samples.jsonl")}
+    atomic_write_bytes(out_dir / "evaluate_summary.json", json.dumps(summary, indent=2).encode("utf-8"))
+    return summary

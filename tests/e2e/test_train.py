@@ -461,3 +461,34 @@ def test_regression_run_writes_a_scatter_png(tmp_path):
     s = _summary(run_dir)
     assert s["val_mse"] is not None and s["val_r2"] is not None
     assert Path(s["paths"]["regression_scatter"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_cli_reproduces_the_runs_own_eval(instruct_run, tmp_path):
+    """`python -m mistral_ft.evaluate run=...` on the finished run: the same answers as the end-of-run eval
+    (the adapter reloaded from disk), and the same validation loss."""
+    from mistral_ft.evaluate import main as evaluate
+
+    out = tmp_path / "ev"
+    rc = evaluate([f"run={instruct_run}", "data=data/instruct_val.jsonl", "eval.num_samples=6",
+                   "eval.max_new_tokens=12", f"out={out}", "data.max_length=128"])
+    assert rc == 0
+    s = json.loads((out / "evaluate_summary.json").read_text())
+    run = _summary(instruct_run)
+    assert s["loss"] == pytest.approx(run["val_loss"], rel=1e-4)
+    ours = [json.loads(line)["generated"] for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line)["generated"] for line in Path(run["paths"]["eval_samples"]).read_text().splitlines()]
+    assert ours == theirs and s["exact_match"] == run["val_exact_match"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=data/instruct_val.jsonl", "eval.max_new_tokens=0"], "eval.max_new_tokens"),
+    (["data=data/instruct_val.jsonl", "bogus=1"], "not one of the key=value"),
+    ([], "data=FILE is required"),
+])
+def test_evaluate_cli_bad_input_exits_2_and_writes_nothing(instruct_run, tmp_path, capsys, args, message):
+    from mistral_ft.evaluate import main as evaluate
+
+    out = tmp_path / "ev"
+    assert evaluate([f"run={instruct_run}", f"out={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
