@@ -67,36 +67,21 @@ class Reference:
 
 
 def load_references(data_cfg: Mapping[str, Any], num_samples: int) -> list[Reference]:
-    """The first `num_samples` validation conversations as (prompt, reference); ConfigError when there are none.
+    """The first `num_samples` validation conversations as (prompt, reference), from the validation split the
+    training pipeline picks (file, hub split or `val_fraction` hold-out); [] when there is none.
 
-    Read through the data pipeline's own loader and row validator, so a row is accepted here exactly when
-    training accepts it, and errors name the same file:line.
+    ConfigError when the rows cannot carry reference answers (a `text` data format).
     """
-    from mistral_ft.data.config import DataConfig
-    from mistral_ft.data.formats import normalize_row
-    from mistral_ft.data.loading import load_split
+    from mistral_ft.data.dataset import validation_rows
 
-    cfg = DataConfig.from_mapping({k: v for k, v in data_cfg.items() if k not in ("batch_size", "eval_batch_size")})
-    if cfg.format not in REFERENCE_FORMATS:
-        raise ConfigError(f"eval.enabled=true: data.format={cfg.format!r} rows have no reference answers; generation "
+    cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "eval_batch_size")}
+    fmt = cfg.get("format", "messages")
+    if fmt not in REFERENCE_FORMATS:
+        raise ConfigError(f"eval.enabled=true: data.format={fmt!r} rows have no reference answers; generation "
                           f"metrics need {' or '.join(REFERENCE_FORMATS)} rows (or set eval.enabled=false)")
-    if not cfg.validation_file and not cfg.validation_split:
-        raise ConfigError("eval.enabled=true needs an evaluation set with reference answers: set data.validation_file "
-                          "(or data.validation_split), or eval.enabled=false")
-    split = load_split(cfg.validation_file or cfg.train_file, cfg, cfg.validation_split or "validation")
-    out: list[Reference] = []
-    for loc, raw in zip(split.locs, split.dataset):
-        if len(out) == num_samples:
-            break
-        try:
-            row = normalize_row(raw, cfg, from_csv=split.from_csv)
-        except Exception:  # the datamodule reports (or skips) invalid rows with its own message
-            continue
-        prompt, ref = split_conversation(row["messages"], where=loc)
-        out.append(Reference(loc, prompt, ref))
-    if not out:
-        raise ConfigError(f"{split.source}: no conversation with a reference answer to evaluate generation on")
-    return out
+    locs, rows, _ = validation_rows(cfg)
+    return [Reference(loc, *split_conversation(row["messages"], where=loc))
+            for loc, row in list(zip(locs, rows))[:num_samples]]
 
 
 @torch.no_grad()

@@ -74,7 +74,6 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
-    generation_eval = build_generation_eval(c, tokenizer, run_dir)  # bad eval input fails before data and model load
     data_cfg = dict(c["data"])
     batch_size = int(data_cfg.pop("batch_size"))
     eval_batch_size = data_cfg.pop("eval_batch_size", None)
@@ -83,6 +82,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     datamodule.setup("fit")
     info = datamodule.info
     assert info is not None
+    generation_eval = build_generation_eval(c, tokenizer, run_dir)  # bad eval input fails before the model loads
 
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     model = build_model(c, model_path, info, device)
@@ -154,6 +154,9 @@ def build_generation_eval(c: Mapping[str, Any], tokenizer: Any, run_dir: Path) -
     if not settings.enabled:
         return None
     refs = load_references(c["data"], settings.num_samples)
+    if not refs:  # no validation split: validation (and so the generation eval) never runs
+        log.warning("eval.enabled=true but the data has no validation split: no generation eval")
+        return None
     return GenerationEval(settings, refs, tokenizer, run_dir / "eval_samples.jsonl")
 
 

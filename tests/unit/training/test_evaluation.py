@@ -139,11 +139,20 @@ def test_eval_sets_without_references_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="no reference answers"):
         load_references({"train_file": str(text), "validation_file": str(text), "format": "text"}, 4)
     chats = tmp_path / "c.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
-    with pytest.raises(ConfigError, match="data.validation_file"):
-        load_references({"train_file": str(chats), "format": "messages"}, 4)
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(10)))
+    assert load_references({"train_file": str(chats), "format": "messages"}, 4) == []  # no validation split
     refs = load_references({"train_file": str(chats), "validation_file": str(chats), "format": "messages"}, 4)
-    assert [(r.loc.endswith("c.jsonl:1"), r.reference) for r in refs] == [(True, "a")]
+    assert [(r.loc.endswith(f"c.jsonl:{i + 1}"), r.reference) for i, r in enumerate(refs)] == \
+        [(True, f"a{i}") for i in range(4)]
+    # a val_fraction hold-out: the same rows the datamodule validates on
+    from mistral_ft.data.dataset import validation_rows
+
+    held = load_references({"train_file": str(chats), "format": "messages", "val_fraction": 0.3}, 32)
+    locs, rows, _ = validation_rows({"train_file": str(chats), "format": "messages", "val_fraction": 0.3})
+    assert len(held) == 3 and [r.loc for r in held] == locs and [r.reference for r in held] == \
+        [row["messages"][-1]["content"] for row in rows]
 
 
 @pytest.mark.parametrize("override, message", [
