@@ -59,7 +59,11 @@ class CausalLMTask(FineTuneTask):
 
     def on_train_start(self) -> None:
         # the baseline: what the model answers before the first optimizer step (not on resume)
-        if self.generation_eval is not None and self.global_step == 0 and self.generation_eval.before is None:
+        # (not under FSDP2: the sharded root is initialised lazily by its first forward, which has not run yet)
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.generation_eval is not None and self.global_step == 0 and self.generation_eval.before is None \
+                and not isinstance(self.model, FSDPModule):
             self.run_generation_eval(before=True)
         super().on_train_start()  # starts the training clock after the baseline
 
@@ -79,4 +83,16 @@ class CausalLMTask(FineTuneTask):
             return [r for part in everyone for r in part]
 
         run = self.generation_eval.run_before if before else self.generation_eval.run
-        return run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
+        # FSDP2: generate() calls the inner model, not the sharded root (the peft wrapper), so the root's
+        # pre-forward hook that gathers embeddings / norm / lm_head never fires; gather them for the whole
+        # evaluation instead (the decoder layers gather themselves as they run)
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded_root = isinstance(self.model, FSDPModule)
+        if sharded_root:
+            self.model.unshard()
+        try:
+            return run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
+        finally:
+            if sharded_root:
+                self.model.reshard()
