@@ -24,32 +24,52 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "data"
 
-NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea"]
+NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea",
+         "Max", "Nora", "Omar", "Pia"]
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow", "tomato": "red"}
 WORDS = ["cat", "dog", "sun", "hat", "pen", "cup", "box", "map", "egg", "bus"]
 SYSTEMS = ["You are a helpful assistant.", "Answer briefly."]
 
+# The held-out split asks prompts the training file never contains (a test checks it): sums of pairs, names
+# and word triples that are held out of training. Colours (facts) and spelling (the letters of a word the
+# model never saw spelled) cannot be held out this way, so they appear in training and as context only.
+HELD_SUMS = {(a, b) for a in range(10) for b in range(10) if (a + 3 * b) % 5 == 0}
+HELD_NAMES = {"Max", "Nora", "Omar", "Pia"}
 
-def _turn(rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) pair from one of five templates."""
-    kind = rng.randrange(5)
+
+def _held_triple(words: list[str]) -> bool:
+    return sum(WORDS.index(w) * (i + 1) for i, w in enumerate(words)) % 5 == 0
+
+
+def _turn(rng: random.Random, held: bool | None) -> tuple[str, str]:
+    """One (question, answer) pair from one of five templates; ``held``: True = held-out items only (and only
+    the three tasks that have them), False = never a held-out item, None = any (context turns of val rows)."""
+    kind = rng.choice([0, 1, 4]) if held else rng.randrange(5)
     if kind == 0:
-        a, b = rng.randrange(10), rng.randrange(10)
-        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        while True:
+            a, b = rng.randrange(10), rng.randrange(10)
+            if held is None or ((a, b) in HELD_SUMS) == held:
+                return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
     if kind == 1:
-        name = rng.choice(NAMES)
-        return f"Greet {name}.", f"Hello {name}, nice to meet you!"
+        while True:
+            name = rng.choice(NAMES)
+            if held is None or (name in HELD_NAMES) == held:
+                return f"Greet {name}.", f"Hello {name}, nice to meet you!"
     if kind == 2:
         thing = rng.choice(sorted(COLORS))
         return f"What color is the {thing}?", f"The {thing} is {COLORS[thing]}."
     if kind == 3:
         word = rng.choice(WORDS)
         return f"Spell the word {word}.", " ".join(word)
-    words = rng.sample(WORDS, 3)
-    return f"Repeat after me: {' '.join(words)}", " ".join(words)
+    while True:
+        words = rng.sample(WORDS, 3)
+        if held is None or _held_triple(words) == held:
+            return f"Repeat after me: {' '.join(words)}", " ".join(words)
 
 
-def instruct_rows(n: int, seed: int) -> list[dict]:
+def instruct_rows(n: int, seed: int, held: bool) -> list[dict]:
+    """``held=False``: training rows (no held-out item anywhere); True: validation rows whose last
+    (scored) question is held out of training."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -58,10 +78,11 @@ def instruct_rows(n: int, seed: int) -> list[dict]:
             messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
         turns = 2 if rng.random() < 0.25 else 1
         for t in range(turns):
-            q, a = _turn(rng)
+            last = t == turns - 1
+            q, a = _turn(rng, True if (held and last) else False)
             messages.append({"role": "user", "content": q})
             msg = {"role": "assistant", "content": a}
-            if t < turns - 1 and rng.random() < 0.5:
+            if not last and rng.random() < 0.5:
                 msg["weight"] = 0  # context only: exercises masked assistant turns
             messages.append(msg)
         rows.append({"messages": messages})
@@ -99,8 +120,8 @@ def classify_rows(n: int, seed: int) -> list[dict]:
 def build() -> dict[str, str]:
     """File name -> JSONL text."""
     files = {
-        "instruct_train.jsonl": instruct_rows(400, seed=1),
-        "instruct_val.jsonl": instruct_rows(60, seed=2),
+        "instruct_train.jsonl": instruct_rows(400, seed=1, held=False),
+        "instruct_val.jsonl": instruct_rows(60, seed=2, held=True),
         "classify_train.jsonl": classify_rows(300, seed=3),
         "classify_val.jsonl": classify_rows(60, seed=4),
     }

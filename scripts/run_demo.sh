@@ -6,3 +6,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"   # creates/reuses .venv, insta
 RUN_DIR="${RUN_DIR:-runs/demo/$(date +%Y-%m-%d_%H-%M-%S)}"
 "$VPY" -m mistral_ft.train recipe=instruct_lora model=tiny "hydra.run.dir=$RUN_DIR" "$@"
 echo "Demo run folder: $ROOT/$RUN_DIR (summary.json, loss_curve.png, checkpoints/, adapter/)"
+# Did it learn? Greedy answers on the held-out chats, base model vs. base + the run's adapter.
+"$VPY" scripts/demo_report.py --run "$RUN_DIR"

@@ -30,7 +30,8 @@ from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
 from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice
-from mistral_ft.training.schema import Sources, strip_secrets, validate_config
+from mistral_ft.training.evaluation import GenerationEval, load_references
+from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
 from mistral_ft.training.tasks import TASKS
 
@@ -80,6 +81,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     datamodule.setup("fit")
     info = datamodule.info
     assert info is not None
+    generation_eval = build_generation_eval(c, tokenizer, run_dir)  # bad eval input fails before the model loads
 
     device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     model = build_model(c, model_path, info, device)
@@ -92,6 +94,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     hparams = strip_secrets(c)
     hparams["data_info"] = info.to_dict()
     module = TASKS[task](model, hparams)
+    module.generation_eval = generation_eval
 
     if rank == 0:  # the run folder's descriptive files, written only now that data and model loaded
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
@@ -146,6 +149,18 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
                             trainable=trainable, total=total, exported=exported)
     print_report(summary)
     return summary
+
+
+def build_generation_eval(c: Mapping[str, Any], tokenizer: Any, run_dir: Path) -> Any:
+    """The generation evaluation the causal-LM task runs at each validation (None when eval is off)."""
+    settings = EvalSchema.from_config(c.get("eval"))
+    if not settings.enabled:
+        return None
+    refs = load_references(c["data"], settings.num_samples)
+    if not refs:  # no validation split: validation (and so the generation eval) never runs
+        log.warning("eval.enabled=true but the data has no validation split: no generation eval")
+        return None
+    return GenerationEval(settings, refs, tokenizer, run_dir / "eval_samples.jsonl")
 
 
 def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:

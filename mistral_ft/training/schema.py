@@ -96,6 +96,24 @@ class CheckpointSchema:
     save_adapter: bool = True
 
 
+GENERATION_METRICS = ("exact_match", "normalised_match", "mean_generated_tokens")
+
+
+@dataclasses.dataclass
+class EvalSchema:
+    """Generation-based evaluation (conf/eval/, mistral_ft.training.evaluation): off unless a recipe asks."""
+
+    enabled: bool = False
+    num_samples: int = 32        # validation conversations scored (the first N of the validation set)
+    max_new_tokens: int = 64
+    batch_size: int = 16         # prompts per left-padded generate() call
+    metrics: list[str] = dataclasses.field(default_factory=lambda: list(GENERATION_METRICS))
+
+    @classmethod
+    def from_config(cls, node: Optional[Mapping[str, Any]]) -> "EvalSchema":
+        return cls(**dict(node or {}))
+
+
 @dataclasses.dataclass
 class RunSchema:
     task: str
@@ -111,6 +129,7 @@ class RunSchema:
     seed: int = 42
     debug: bool = False
     resume: Optional[str] = None
+    eval: EvalSchema = dataclasses.field(default_factory=EvalSchema)
     skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
     preference: Optional[dict] = None  # task=dpo: loss_type, beta, ... (checked by tasks.preference.preference_settings)
 
@@ -383,6 +402,17 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
         errors.append(_msg("data.batch_size", f"must be >= 1, got {cfg['data']['batch_size']}", sources))
     if cfg["checkpoint"]["every_n_train_steps"] < 1:
         errors.append(_msg("checkpoint.every_n_train_steps", "must be >= 1", sources))
+    ev = EvalSchema.from_config(cfg.get("eval"))
+    if ev.max_new_tokens <= 0:
+        errors.append(_msg("eval.max_new_tokens", f"must be > 0, got {ev.max_new_tokens}", sources))
+    for key in ("num_samples", "batch_size"):
+        if getattr(ev, key) <= 0:
+            errors.append(_msg(f"eval.{key}", f"must be > 0, got {getattr(ev, key)}", sources))
+    unknown = [m for m in ev.metrics if m not in GENERATION_METRICS]
+    if unknown:
+        errors.append(_msg("eval.metrics", f"unknown metric(s) {unknown} (known: {list(GENERATION_METRICS)})", sources))
+    if ev.enabled and cfg["task"] != "causal_lm":
+        errors.append(_msg("eval.enabled", f"generation metrics need task causal_lm, not {cfg['task']!r}", sources))
     data_format = cfg["data"].get("format", "messages")
     takes = {"causal_lm": ("text", "alpaca", "messages"), "classification": ("classification", "regression"),
              "dpo": ("preference",), "reward": ("preference",)}

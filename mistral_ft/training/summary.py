@@ -41,6 +41,7 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
     logger = trainer.logger
     log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
     train_time = module.train_time_s
+    gen = getattr(module, "generation_eval", None)
     summary: dict[str, Any] = {
         "recipe": recipe,
         "task": c["task"],
@@ -54,6 +55,9 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
         "tokens_seen": int(tokens),
         "tokens_per_s": float(tokens / train_time) if train_time > 0 else None,
         "train_time_s": float(train_time),
+        # generation eval cost (inside validation, so never part of train_time_s)
+        "eval_time_s": float(gen.time_s) if gen is not None else None,
+        "eval_before": {f"val_{k}": v for k, v in gen.before.items()} if gen is not None and gen.before else None,
         "wall_s": float(wall_s),
         "peak_memory_mb": float(mem),
         "peak_memory_kind": mem_kind,
@@ -73,12 +77,21 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
             "log_file": str(run_dir / "train.log"),
             "loss_curve": str(run_dir / "loss_curve.png"),
             "exported": exported,
+            "eval_samples": str(gen.samples_path) if gen is not None and gen.samples_path and gen.samples_path.is_file() else None,
         },
         "nonfinite_skipped": len(module.nonfinite_skips),  # steps dropped with skip_nonfinite=true
         "nonfinite_skips": module.nonfinite_skips,
         "loss_history": [[s, v] for s, v in module.loss_history],
         "val_history": module.val_history,
     }
+    if gen is not None:
+        summary["eval_report"] = gen.report_lines()
+    details = getattr(module, "last_details", None) or {}
+    if "confusion" in details:
+        summary["class_report"] = details
+        summary["paths"]["confusion_matrix"] = str(plot_confusion(details, run_dir / "confusion_matrix.png"))
+    elif "preds" in details:
+        summary["paths"]["regression_scatter"] = str(plot_regression(details, run_dir / "regression_scatter.png"))
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     plot_losses(module.loss_history, module.val_history, run_dir / "loss_curve.png")
@@ -101,17 +114,72 @@ def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, f
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    em = [(v["step"], v["val_exact_match"]) for v in val if "val_exact_match" in v]
+    if em:  # generation eval on a second axis: a 0..1 score beside a loss
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in em], [v for _, v in em], "s--", color="tab:green", label="val exact match")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_ylabel("exact match")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(report: Mapping[str, Any], path: Path) -> Path:
+    """The last validation's confusion matrix (rows true, columns predicted) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, counts = report["labels"], report["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(row) for row in counts) or 1
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_regression(points: Mapping[str, Sequence[float]], path: Path) -> Path:
+    """Predicted vs true targets of the last validation, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(points["target"], points["preds"], s=10, alpha=0.7)
+    lo = min([*points["target"], *points["preds"]], default=0.0)
+    hi = max([*points["target"], *points["preds"]], default=1.0)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
 
 def print_report(s: Mapping[str, Any]) -> None:
     p = s["paths"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl",
-                                                       "val_reward_accuracy", "val_reward_margin", "val_margin")
+                                                       "val_reward_accuracy", "val_reward_margin", "val_margin",
+                                                       "val_exact_match", "val_normalised_match")
                         if s.get(k) is not None)
     lines = [
         f"Done: {s['global_step']} steps in {s['wall_s']:.1f}s; train loss {fmt(s['train_loss_first'])} -> "
@@ -125,5 +193,12 @@ def print_report(s: Mapping[str, Any]) -> None:
     ]
     if p["exported"]:
         lines.append(f"  weights:     {p['exported']}")
+    if p.get("confusion_matrix"):
+        lines.append(f"  confusion:   {p['confusion_matrix']}")
+    if p.get("regression_scatter"):
+        lines.append(f"  scatter:     {p['regression_scatter']}")
+    lines += s.get("eval_report") or []
+    if p.get("eval_samples"):
+        lines.append(f"  eval table:  {p['eval_samples']} (generation eval: {s['eval_time_s']:.1f}s, not in train time)")
     lines.append(f"Continue with: python -m mistral_ft.train resume={p['run_dir']} trainer.max_steps=N")
     print("\n".join(lines), flush=True)

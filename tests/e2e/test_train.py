@@ -35,7 +35,8 @@ def _summary(run_dir: Path) -> dict:
 def instruct_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("instruct") / "run"
     rc = main(["recipe=instruct_lora", "model=tiny", f"trainer.max_steps={INSTRUCT_STEPS}",
-               "checkpoint.every_n_train_steps=10", f"hydra.run.dir={run_dir}", *QUIET])
+               "checkpoint.every_n_train_steps=10", "eval.num_samples=6", "eval.max_new_tokens=12",
+               f"hydra.run.dir={run_dir}", *QUIET])
     assert rc == 0
     return run_dir
 
@@ -75,6 +76,23 @@ def test_instruct_lora_loss_falls_and_run_folder_is_complete(instruct_run):
     assert "lm_head" in config and f"max_steps: {INSTRUCT_STEPS}" in config
 
 
+def test_instruct_run_reports_generation_eval(instruct_run):
+    """The tiny default runs the generation eval (specialize/instruct_lora_tiny.yaml): before, at each
+    validation, in summary.json, the sample table and the report; its cost apart from training time."""
+    s = _summary(instruct_run)
+    for key in ("val_exact_match", "val_normalised_match", "val_mean_generated_tokens"):
+        assert 0 <= s[key] and key in s["val_history"][-1], key
+        assert key in s["eval_before"], key
+    assert s["eval_before"]["val_mean_generated_tokens"] > 0  # the random base rambles before fine-tuning
+    assert s["eval_time_s"] > 0 and s["train_time_s"] > 0
+    rows = [json.loads(line) for line in Path(s["paths"]["eval_samples"]).read_text().splitlines()]
+    assert len(rows) == 6 and {"prompt", "reference", "generated"} <= set(rows[0])
+    assert s["val_exact_match"] == sum(r["exact"] for r in rows) / 6
+    assert any("before fine-tuning" in line for line in s["eval_report"])
+    header = Path(s["paths"]["metrics_csv"]).read_text().splitlines()[0].split(",")
+    assert "val_exact_match" in header
+
+
 def test_classify_beats_chance(classify_run):
     s = _summary(classify_run)
     chance = 1 / 3  # sports / food / weather, balanced
@@ -85,6 +103,18 @@ def test_classify_beats_chance(classify_run):
 
 
 # ---- checkpoints hold only what trains ------------------------------------------------------------
+def test_classify_reports_per_class_metrics_and_confusion_png(classify_run):
+    s = _summary(classify_run)
+    rep = s["class_report"]
+    counts = rep["confusion"]
+    assert rep["labels"] == [s["id2label"][str(i)] for i in range(len(rep["labels"]))]
+    assert sum(map(sum, counts)) == s["data"]["val_examples"]  # every validation example counted once
+    # the matrix's diagonal is the accuracy torchmetrics logged
+    assert sum(counts[i][i] for i in range(len(counts))) / sum(map(sum, counts)) == pytest.approx(s["val_accuracy"])
+    assert set(rep["precision"]) == set(rep["labels"]) == set(rep["recall"])
+    assert Path(s["paths"]["confusion_matrix"]).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_checkpoint_holds_no_frozen_base_weights(instruct_run):
     ckpt = _load(instruct_run / "checkpoints" / "last.ckpt")
     keys = list(ckpt["state_dict"])
@@ -417,3 +447,48 @@ def test_token_weighted_loss_across_ddp_ranks(tmp_path):
     single = _grads_after_one_step(one, accumulate=1)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_regression_run_writes_a_scatter_png(tmp_path):
+    rows = "".join(json.dumps({"text": f"value {i}", "label": float(i % 5)}) + "\n" for i in range(16))
+    data = tmp_path / "reg.jsonl"
+    data.write_text(rows)
+    run_dir = tmp_path / "run"
+    rc = main(["recipe=classify", "model=tiny", "data.format=regression", f"data.train_file={data}",
+               f"data.validation_file={data}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+               f"hydra.run.dir={run_dir}", *QUIET])
+    assert rc == 0
+    s = _summary(run_dir)
+    assert s["val_mse"] is not None and s["val_r2"] is not None
+    assert Path(s["paths"]["regression_scatter"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_cli_reproduces_the_runs_own_eval(instruct_run, tmp_path):
+    """`python -m mistral_ft.evaluate run=...` on the finished run: the same answers as the end-of-run eval
+    (the adapter reloaded from disk), and the same validation loss."""
+    from mistral_ft.evaluate import main as evaluate
+
+    out = tmp_path / "ev"
+    rc = evaluate([f"run={instruct_run}", "data=data/instruct_val.jsonl", "eval.num_samples=6",
+                   "eval.max_new_tokens=12", f"out={out}", "data.max_length=128"])
+    assert rc == 0
+    s = json.loads((out / "evaluate_summary.json").read_text())
+    run = _summary(instruct_run)
+    assert s["loss"] == pytest.approx(run["val_loss"], rel=1e-4)
+    ours = [json.loads(line)["generated"] for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line)["generated"] for line in Path(run["paths"]["eval_samples"]).read_text().splitlines()]
+    assert ours == theirs and s["exact_match"] == run["val_exact_match"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=data/instruct_val.jsonl", "eval.max_new_tokens=0"], "eval.max_new_tokens"),
+    (["data=data/instruct_val.jsonl", "bogus=1"], "not one of the key=value"),
+    ([], "data=FILE is required"),
+])
+def test_evaluate_cli_bad_input_exits_2_and_writes_nothing(instruct_run, tmp_path, capsys, args, message):
+    from mistral_ft.evaluate import main as evaluate
+
+    out = tmp_path / "ev"
+    assert evaluate([f"run={instruct_run}", f"out={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mistral_ft"
-CLI_MODULES = {"mistral_ft.train", "mistral_ft.validate", "mistral_ft.export", "mistral_ft.generate", "mistral_ft.convert"}
+CLI_MODULES = {"mistral_ft.train", "mistral_ft.validate", "mistral_ft.export", "mistral_ft.generate", "mistral_ft.convert",
+               "mistral_ft.evaluate"}
 
 
 def _module_name(path: Path) -> str:

@@ -47,6 +47,52 @@ class CausalLMTask(FineTuneTask):
         n = batch["num_targets"] if "num_targets" in batch else count_targets(labels)
         return out.loss, int(n), out
 
+    # Set by the run (mistral_ft.training.run) when eval.enabled: a GenerationEval over the validation chats.
+    generation_eval: Any = None
+
     def val_metrics(self, val_loss: float) -> dict[str, float]:
         # exp of the token-weighted mean NLL; capped so a diverged run logs a number, not inf
-        return {"val_ppl": math.exp(min(val_loss, 50.0))}
+        metrics = {"val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.generation_eval is not None and not self.trainer.sanity_checking:
+            metrics.update({f"val_{k}": v for k, v in self.run_generation_eval().items()})
+        return metrics
+
+    def on_train_start(self) -> None:
+        # the baseline: what the model answers before the first optimizer step (not on resume)
+        # (not under FSDP2: the sharded root is initialised lazily by its first forward, which has not run yet)
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.generation_eval is not None and self.global_step == 0 and self.generation_eval.before is None \
+                and not isinstance(self.model, FSDPModule):
+            self.run_generation_eval(before=True)
+        super().on_train_start()  # starts the training clock after the baseline
+
+    def run_generation_eval(self, before: bool = False) -> dict[str, float]:
+        """Greedy answers to the validation chats, scored (every rank takes part: see training.evaluation)."""
+        strategy = self.trainer.strategy
+        world = int(self.trainer.world_size)
+
+        def reduce_sum(value: float) -> float:
+            return float(strategy.reduce(torch.tensor(value, device=self.device, dtype=torch.float64), reduce_op="sum"))
+
+        def gather(rows: list) -> list:
+            if world == 1 or not torch.distributed.is_initialized():
+                return rows
+            everyone: list = [None] * world
+            torch.distributed.all_gather_object(everyone, rows)
+            return [r for part in everyone for r in part]
+
+        run = self.generation_eval.run_before if before else self.generation_eval.run
+        # FSDP2: generate() calls the inner model, not the sharded root (the peft wrapper), so the root's
+        # pre-forward hook that gathers embeddings / norm / lm_head never fires; gather them for the whole
+        # evaluation instead (the decoder layers gather themselves as they run)
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded_root = isinstance(self.model, FSDPModule)
+        if sharded_root:
+            self.model.unshard()
+        try:
+            return run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
+        finally:
+            if sharded_root:
+                self.model.reshard()

@@ -43,6 +43,23 @@ def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor, problem_
     raise ValueError(f"problem_type: {problem_type!r} is not one of {list(PROBLEM_TYPES)}")
 
 
+def class_report(confusion: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Per-class precision / recall and the confusion matrix (rows = true label, columns = predicted).
+
+    Precision of class k = C[k, k] / column sum; recall = C[k, k] / row sum; a class never predicted (or never
+    present) gets 0.0, as torchmetrics' ``zero_division=0`` does. Example, 2 classes, C = [[3, 1], [0, 2]]:
+    precision [1.0, 0.667], recall [0.75, 1.0].
+    """
+    c = confusion.long().cpu()
+    diag = c.diag().double()
+    predicted, present = c.sum(0).double(), c.sum(1).double()
+    precision = torch.where(predicted > 0, diag / predicted.clamp(min=1), torch.zeros_like(diag))
+    recall = torch.where(present > 0, diag / present.clamp(min=1), torch.zeros_like(diag))
+    return {"labels": list(names), "confusion": c.tolist(),
+            "precision": {n: float(p) for n, p in zip(names, precision)},
+            "recall": {n: float(r) for n, r in zip(names, recall)}}
+
+
 class ClassificationTask(FineTuneTask):
     """Holds a `MistralForSequenceClassification` (or its peft wrapper, `score` trained in full).
 
@@ -59,6 +76,9 @@ class ClassificationTask(FineTuneTask):
             raise ValueError(f"problem_type: {self.problem_type!r} is not one of {list(PROBLEM_TYPES)}")
         self.id2label: dict[int, str] = {int(k): str(v) for k, v in (mcfg.id2label or {}).items()}
         self.metrics = nn.ModuleDict(self._make_metrics())
+        # counts / points behind the plots, kept out of `metrics` because they are not one number
+        self.details = nn.ModuleDict(self._make_details())
+        self.last_details: dict[str, Any] = {}
 
     @staticmethod
     def _infer_problem_type(num_labels: int) -> str:
@@ -77,6 +97,14 @@ class ClassificationTask(FineTuneTask):
             "val_accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro", ignore_index=IGNORE_INDEX),
             "val_f1": torchmetrics.classification.MulticlassF1Score(num_classes=n, average="macro", ignore_index=IGNORE_INDEX),
         }
+
+    def _make_details(self) -> dict[str, torchmetrics.Metric]:
+        if self.problem_type == "regression":  # CatMetric syncs (concatenates) across ranks
+            return {"preds": torchmetrics.CatMetric(), "target": torchmetrics.CatMetric()}
+        if self.problem_type == "single_label_classification":
+            return {"confusion": torchmetrics.classification.MulticlassConfusionMatrix(
+                num_classes=self.num_labels, ignore_index=IGNORE_INDEX)}
+        return {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled logits (B, num_labels)."""
@@ -98,11 +126,24 @@ class ClassificationTask(FineTuneTask):
             preds, target = logits.argmax(-1), labels.view(-1).long()
         for metric in self.metrics.values():
             metric.update(preds, target)
+        if self.problem_type == "regression":
+            self.details["preds"].update(preds)
+            self.details["target"].update(target)
+        elif "confusion" in self.details:
+            self.details["confusion"].update(preds, target)
 
     def val_metrics(self, val_loss: float) -> dict[str, float]:
         out = {}
         for name, metric in self.metrics.items():
             out[name] = float(metric.compute())
+            metric.reset()
+        if self.problem_type == "regression":
+            self.last_details = {"preds": self.details["preds"].compute().view(-1).tolist(),
+                                 "target": self.details["target"].compute().view(-1).tolist()}
+        elif "confusion" in self.details:
+            names = [self.id2label.get(i, str(i)) for i in range(self.num_labels)]
+            self.last_details = class_report(self.details["confusion"].compute(), names)
+        for metric in self.details.values():
             metric.reset()
         return out
 

@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned models by what they generate (issue 14)."""
