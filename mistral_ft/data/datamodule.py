@@ -18,7 +18,7 @@ from mistral_ft.data.config import DataConfig
 from mistral_ft.data.dataset import DataInfo, TokenDataset, build_datasets
 from mistral_ft.data.errors import DataError
 from mistral_ft.data.formats import ChatTokenizer
-from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler
+from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler, loader_generator
 
 TASKS = ("causal_lm", "classification")
 
@@ -115,6 +115,7 @@ class MistralDataModule(L.LightningDataModule):
             self.val_dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
+            generator=loader_generator(self.cfg.seed),
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

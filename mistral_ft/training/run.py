@@ -30,7 +30,7 @@ from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
-from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice
+from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
 from mistral_ft.training.schema import Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
 from mistral_ft.training.tasks import TASKS
@@ -176,7 +176,7 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
     return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
                      logger=build("logger", c["logger"], run_dir),
-                     callbacks=[checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
+                     callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
 
 
 def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:
