@@ -30,6 +30,7 @@ from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
+from mistral_ft.lock import FolderLock
 from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
 from mistral_ft.training.schema import Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
@@ -45,13 +46,25 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     `cfg` is the composed config (DictConfig or plain dict, no `hydra` node); `overrides` and
     `choices` are only recorded (overrides.yaml) and used to point error messages at files.
     """
+    c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
+    validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
+    run_dir = Path(run_dir).resolve()
+    lock_cfg = c.get("lock") or {}
+    if set(lock_cfg) - {"break"} or not isinstance(lock_cfg.get("break", False), bool):
+        raise ConfigError(f"lock: takes only break=true|false, got {lock_cfg!r}")
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if rank != 0:  # rank 0 holds the run folder's lock for the whole job
+        return _run_training(c, run_dir, overrides, choices)
+    with FolderLock(run_dir, what="training", force=bool(lock_cfg.get("break", False))):
+        return _run_training(c, run_dir, overrides, choices)
+
+
+def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
+                  choices: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     t_wall = time.perf_counter()
     import lightning as L
     import torch
 
-    c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
-    validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
-    run_dir = Path(run_dir).resolve()
     ckpt_dir = run_dir / "checkpoints"
     resume_ckpt = c.get("resume")
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))

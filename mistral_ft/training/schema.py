@@ -107,6 +107,7 @@ class RunSchema:
     seed: int = 42
     debug: bool = False
     resume: Optional[str] = None
+    lock: Optional[dict] = None  # {break: bool}: take over another host's run.lock (mistral_ft/lock.py)
     skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
 
 
