@@ -107,10 +107,9 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     hparams["data_info"] = info.to_dict()
     module = TASKS[task](model, hparams)
 
-    if rank == 0:  # the run folder's descriptive files, written only now that data and model loaded
+    trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
+    if rank == 0:  # the run folder's descriptive files, written only now that data, model and trainer are built
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
-
-    trainer = build_trainer(c, run_dir, precision)
     try:
         return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
                                choices=choices, trainable=trainable, total=total, t_wall=t_wall)
@@ -187,9 +186,17 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     )
     # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
     plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
-    return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
-                     logger=build("logger", c["logger"], run_dir),
-                     callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
+        return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
+                         logger=build("logger", c["logger"], run_dir),
+                         callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins,
+                         default_root_dir=str(run_dir))
+    except (ValueError, MisconfigurationException) as err:
+        raise ConfigError(f"trainer: {err} (trainer.accelerator={trainer_args.get('accelerator')!r}, "
+                          f"trainer.precision={trainer_args.get('precision')!r}, "
+                          f"trainer.devices={trainer_args.get('devices')!r})") from err
 
 
 def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -222,6 +223,9 @@ def validate_config(cfg: Mapping[str, Any], sources: Optional[Sources] = None) -
         value = _get(cfg, dotted)
         if value is not _MISSING and value not in allowed:
             errors.append(_msg(dotted, f"{value!r} is not one of {list(allowed)}", sources))
+    for dotted, value in _numbers(cfg, ""):  # NaN passes every `<`/`>` range check (False both ways)
+        if not math.isfinite(value):
+            errors.append(_msg(dotted, f"{value!r} is not a finite number", sources))
     if not errors:
         _check_values(cfg, errors, sources)
     if errors:
@@ -230,6 +234,15 @@ def validate_config(cfg: Mapping[str, Any], sources: Optional[Sources] = None) -
 
 
 _MISSING = object()
+
+
+def _numbers(node: Any, prefix: str) -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the config (no config value is legitimately NaN or inf)."""
+    if isinstance(node, Mapping):
+        return [kv for k, v in node.items() for kv in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:

@@ -269,3 +269,15 @@ def test_a_second_training_into_a_live_run_folder_exits_2_naming_the_holder(tmp_
     # the holder is SIGKILLed (its lock stays behind): the next training takes it over and removes it at exit
     assert main(NAN_ARGS + [f"hydra.run.dir={run}", "trainer.max_steps=1", "checkpoint.every_n_train_steps=1"]) == 0
     assert not (run / LOCK_NAME).exists() and (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("optimizer.lr=nan", "optimizer.lr"), ("optimizer.weight_decay=inf", "optimizer.weight_decay"),
+    ("trainer.accelerator=warp_drive", "warp_drive"), ("trainer.precision=13-mixed", "13-mixed"),
+])
+def test_values_only_libraries_check_exit_2_and_leave_no_folder(tmp_path, capsys, override, culprit):
+    run = tmp_path / "run"
+    assert main(NAN_ARGS + [f"hydra.run.dir={run}", override]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and "Traceback" not in err and "training failed" not in err, err
+    assert not run.exists()
