@@ -31,6 +31,7 @@ from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
 from mistral_ft.lock import FolderLock
+from mistral_ft.masking import mask_log_handlers
 from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
 from mistral_ft.training.schema import Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
@@ -46,6 +47,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     `cfg` is the composed config (DictConfig or plain dict, no `hydra` node); `overrides` and
     `choices` are only recorded (overrides.yaml) and used to point error messages at files.
     """
+    mask_log_handlers()  # Hydra has configured logging by now: no secret value reaches train.log or the console
     c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
     validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
     run_dir = Path(run_dir).resolve()

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 
 
 from mistral_ft.errors import ConfigError
+from mistral_ft.masking import MASK, is_secret_key
 from mistral_ft.training.registry import LOGGERS, STRATEGIES
 
 
@@ -128,7 +129,6 @@ CHOICES = {
 MANAGED_TRAINER_KEYS = ("logger", "callbacks", "strategy", "default_root_dir", "enable_checkpointing", "plugins")
 # Loader sizes live in the data group next to the pipeline's own keys.
 DATA_LOADER_KEYS = {"batch_size": int, "eval_batch_size": Optional[int]}
-SECRET_PATTERN = re.compile(r"(api_?key|token|password|secret)", re.IGNORECASE)
 
 
 # ---- locating where a key was set ---------------------------------------------------------------
@@ -404,24 +404,13 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
 def mask_secret(override: str) -> str:
     """`logger.api_key=abc` -> `logger.api_key=***`: error messages end up in logs and CI output."""
     key, sep, _ = override.partition("=")
-    if sep and not strip_secrets({key.lstrip("+~").rsplit(".", 1)[-1]: 1}):
-        return f"{key}=***"
-    return override
+    return f"{key}={MASK}" if sep and is_secret_key(key) else override
 
 
 def strip_secrets(node: Any) -> Any:
-    """A copy without keys that look like credentials (api_key, token, password, secret).
-
-    Token *counts* are not secrets: keys ending in `tokens`/`_tokens` or naming a tokenizer are kept.
-    """
+    """A copy without keys that hold secrets (`masking.is_secret_key`: whole words, so token counts stay)."""
     if isinstance(node, Mapping):
-        out = {}
-        for key, value in node.items():
-            k = str(key)
-            if SECRET_PATTERN.search(k) and not re.search(r"(tokens$|tokenizer|_tokens_|token_id)", k, re.IGNORECASE):
-                continue
-            out[key] = strip_secrets(value)
-        return out
+        return {key: strip_secrets(value) for key, value in node.items() if not is_secret_key(str(key))}
     if isinstance(node, list):
         return [strip_secrets(v) for v in node]
     return node

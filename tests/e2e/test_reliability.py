@@ -223,6 +223,10 @@ def test_secrets_never_reach_the_run_folder(tmp_path, monkeypatch, capsys):
     rc = main(NAN_ARGS + [f"hydra.run.dir={run}", f"+logger.api_key={secret}"])
     err = capsys.readouterr().err
     assert rc == 2 and "logger.api_key" in err and secret not in err and not run.exists()
+    for key in ("+logger.access_key", "+logger.credentials", "+data.hf_auth"):  # outside the old key pattern
+        rc = main(NAN_ARGS + [f"hydra.run.dir={run}", f"{key}={secret}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and key.lstrip("+") in err and secret not in err and not run.exists(), err
     rc = main(NAN_ARGS + [f"hydra.run.dir={run}", "logger=wandb", "trainer.max_steps=2"])
     assert rc == 0
     files = [p for p in run.rglob("*") if p.is_file()]
