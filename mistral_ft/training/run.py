@@ -142,7 +142,7 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     # a final validation unless the last one was at the final step
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    tokens = module.total_tokens_seen()
+    tokens, targets = module.total_tokens_seen(), module.total_targets_seen()
     # strategy=fsdp: the trainable weights as full tensors (a collective: every rank takes part)
     gathered = gather_trainable(module.model) if is_sharded(module.model) else None
     if not trainer.is_global_zero:
@@ -153,7 +153,7 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     else:
         atomic_copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
     exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
-    summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, wall_s=time.perf_counter() - t_wall,
+    summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, targets=targets, wall_s=time.perf_counter() - t_wall,
                             trainable=trainable, total=total, exported=exported)
     print_report(summary)
     return summary

@@ -198,6 +198,14 @@ def test_nonfinite_loss_is_skipped_and_counted_when_configured(tmp_path, monkeyp
     s = _summary(run)
     assert s["global_step"] == 6 and s["nonfinite_skipped"] == 1 and s["nonfinite_skips"][0]["step"] == 3
     assert [step for step, _ in s["loss_history"]] == [0, 1, 2, 4, 5]
+    # a short run: first/last are means over min(5, steps // 2) = 2 steps each, never the same window
+    losses = [v for _, v in s["loss_history"]]
+    assert s["train_loss_first"] == pytest.approx(sum(losses[:2]) / 2, rel=1e-12)
+    assert s["train_loss_last"] == pytest.approx(sum(losses[-2:]) / 2, rel=1e-12)
+    assert s["train_loss_first"] != s["train_loss_last"]
+    # input tokens (prompt + answer, no padding) and the useful ones (with a loss) are both counted
+    assert 0 < s["target_tokens_seen"] < s["tokens_seen"]
+    assert s["target_tokens_per_s"] / s["tokens_per_s"] == pytest.approx(s["target_tokens_seen"] / s["tokens_seen"])
     weights = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in weights.values())
 
