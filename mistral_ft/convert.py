@@ -1,4 +1,5 @@
-"""`python -m mistral_ft.convert --input_dir D --output_dir O [--model_size 7B]` — original Mistral weights to an HF folder.
+"""`python -m mistral_ft.convert --input_dir D --output_dir O [--max_position_embeddings N]` — original Mistral
+weights (consolidated.safetensors / consolidated.00.pth, tokenizer.model[.vN] / tekken.json) to an HF folder.
 
 The command line only; the conversion lives in mistral_ft.checkpoints.convert (also behind
 scripts/convert_mistral_weights_to_hf.py, the seed's command).
@@ -18,8 +19,8 @@ from mistral_ft.errors import CheckpointError, ConversionError
 def main(argv: list[str] | None = None) -> int:
     """``python scripts/convert_mistral_weights_to_hf.py --input_dir D --model_size 7B --output_dir O``."""
     p = argparse.ArgumentParser(prog="convert_mistral_weights_to_hf.py", description=(
-        "Convert an original Mistral checkpoint (consolidated.00.pth + params.json + tokenizer.model) into a "
-        "Hugging Face folder (safetensors + config.json + tokenizer)."))
+        "Convert an original Mistral checkpoint (params.json + consolidated.safetensors or consolidated.00.pth + "
+        "tokenizer.model[.vN] or tekken.json) into a Hugging Face folder (safetensors + config.json + tokenizer)."))
     p.add_argument("--input_dir", required=True, help="folder of the original release")
     p.add_argument("--output_dir", required=True, help="HF folder to write")
     p.add_argument("--model_size", default=None, choices=sorted(MODEL_SIZES),
@@ -27,11 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: the checkpoint's)")
     p.add_argument("--max_shard_size", default="5GB")
+    p.add_argument("--max_position_embeddings", type=int, default=None,
+                   help="context length for config.json when params.json has no max_seq_len (releases since "
+                        "7B-v0.3 have none: 32768 for 7B-v0.3/Small-24B/Codestral, 1024000 for Nemo)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
 
     def body() -> int:
-        out = convert_checkpoint(args.input_dir, args.output_dir, args.model_size, args.dtype, args.max_shard_size)
+        out = convert_checkpoint(args.input_dir, args.output_dir, args.model_size, args.dtype, args.max_shard_size,
+                                 args.max_position_embeddings)
         print(f"wrote {out}")
         return 0
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert an original Mistral checkpoint (consolidated.00.pth + params.json + tokenizer.model) to an HF folder.
+"""Convert an original Mistral checkpoint (params.json + consolidated.safetensors | consolidated.00.pth +
+tokenizer.model[.vN] | tekken.json) to an HF folder.
 
     python scripts/convert_mistral_weights_to_hf.py --input_dir /path/to/mistral-7B-v0.1 --model_size 7B \\
         --output_dir /path/to/Mistral-7B-v0.1-hf

@@ -1,4 +1,12 @@
-"""Original Mistral checkpoints (``consolidated.00.pth`` + ``params.json`` + ``tokenizer.model``) -> HF folder.
+"""Original Mistral checkpoints (``params.json`` + weights + tokenizer file) -> HF folder.
+
+Layouts read (every release since 7B-v0.1):
+  * weights: ``consolidated.safetensors`` or its shards ``consolidated-0000N-of-0000M.safetensors`` (7B-v0.3,
+    Nemo, Small, every release since), else ``consolidated.00.pth`` (7B-v0.1, read with weights_only=True);
+  * tokenizer: ``tokenizer.model`` (v1), ``tokenizer.model.vN`` (v3: 7B-v0.3, Codestral) or ``tekken.json``
+    (Nemo, Small-24B), copied as it came, under its own name;
+  * params.json with ``head_dim`` != dim / n_heads (Nemo), ``rope_theta``, no ``max_seq_len`` (then
+    ``--max_position_embeddings``), and a few harmless bookkeeping fields (:data:`HARMLESS_PARAMS`).
 
 The original release (mistral-inference, the tarballs linked from the seed page) names tensors after the
 reference code and stores the rotary dimensions of q/k *interleaved*: each head's rows pair up as (0, 1), (2, 3),
@@ -9,7 +17,7 @@ with row i + hd/2. Converting is a renaming plus one row permutation of ``wq``/`
     HF rows:                             r0 r1 r2 r3 i0 i1 i2 i3      view(nh, hd/2, 2, D).transpose(1, 2)
 
 Since q·k only sums over matching rows, permuting q and k the same way leaves attention unchanged; the
-permutation just makes ``rotate_half`` see the pairs the complex rotation used (tests/test_convert.py checks the
+permutation just makes ``rotate_half`` see the pairs the complex rotation used (the converter tests check the
 logits against an independent complex-rotary reference forward).
 
 Memory: the checkpoint is memory-mapped (``torch.load(mmap=True, weights_only=True)``) and converted tensor by
@@ -26,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from mistral_ft.model.config import MistralConfig, read_json_object
 from mistral_ft.errors import ConversionError
-from mistral_ft.model.weights import resolve_dtype
+from mistral_ft.model.config import MistralConfig, read_json_object
+from mistral_ft.model.weights import check_tensor_dtype, resolve_dtype
 
 # params.json key -> (required, accepted types)
 PARAMS_FIELDS: dict[str, tuple[bool, tuple[type, ...]]] = {
@@ -45,6 +53,22 @@ PARAMS_FIELDS: dict[str, tuple[bool, tuple[type, ...]]] = {
     "max_seq_len": (False, (int,)),
     "max_position_embeddings": (False, (int,)),
 }
+# params.json fields that do not change the numbers: value checked (None = any value), then dropped.
+HARMLESS_PARAMS: dict[str, tuple | None] = {
+    "model_type": ("transformer",),  # mistral-inference's name for the dense decoder ("mamba" is not ours)
+    "max_batch_size": None,  # an inference-server batch size
+    "torch_dtype": None, "dtype": None,  # informational: the tensors carry their own dtype
+    "causal": (True,),
+    "tied_embeddings": (False,),  # true would mean no `output` tensor: not the layout converted here
+    "use_biases": (False,),
+}
+# params.json fields of other architectures or of numbers we do not compute: refused with the reason.
+REFUSED_PARAMS = {
+    "moe": "a mixture-of-experts model (Mixtral)", "vision_encoder": "a vision model (Pixtral)",
+    "lora": "a LoRA adapter, not full weights", "quantization": "quantized weights",
+    "yarn": "yarn RoPE in mistral-inference's spelling (not verified against transformers here)",
+    "llama_4_scaling": "attention-temperature scaling", "q_lora_rank": "latent attention",
+}
 # What `--model_size` may say, and the shape it implies (the original release: Mistral-7B-v0.1 / -Instruct-v0.1).
 MODEL_SIZES: dict[str, dict[str, int]] = {"7B": {"dim": 4096, "n_layers": 32, "n_heads": 32}}
 # Mistral-7B-v0.1 was trained with 8k context and a 4k window; transformers' converter writes 4096 * 8.
@@ -52,18 +76,33 @@ DEFAULT_MAX_POSITIONS = 4096 * 8
 CHECKPOINT_NAME = "consolidated.00.pth"
 
 
-def read_params(path: str | os.PathLike, model_size: str | None = None) -> MistralConfig:
-    """``params.json`` -> :class:`MistralConfig` (HF field names), refusing keys it does not know."""
+def read_params(path: str | os.PathLike, model_size: str | None = None, max_position_embeddings: int | None = None,
+                default_max_positions: int | None = DEFAULT_MAX_POSITIONS) -> MistralConfig:
+    """``params.json`` -> :class:`MistralConfig` (HF field names), refusing keys it does not know.
+
+    max_position_embeddings: params.json's ``max_seq_len`` (or ``max_position_embeddings``) if it has one, else
+    the ``max_position_embeddings`` argument, else ``default_max_positions`` (the 7B-v0.1 release's 32768, as
+    transformers' converter writes it); None there makes a missing value an error (it cannot be guessed).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: params.json not found")
     params = read_json_object(path, ConversionError)
+    for key in sorted(set(params) & set(REFUSED_PARAMS)):
+        raise ConversionError(f"{path}: field '{key}' is not supported: {REFUSED_PARAMS[key]}; this converter "
+                              f"handles the dense Mistral decoder only")
+    for key in sorted(set(params) & set(HARMLESS_PARAMS)):
+        allowed = HARMLESS_PARAMS[key]
+        if allowed is not None and params[key] not in allowed:
+            raise ConversionError(f"{path}: field '{key}' is {params[key]!r}; only {list(allowed)} is the dense "
+                                  f"Mistral decoder converted here")
+    params = {k: v for k, v in params.items() if k not in HARMLESS_PARAMS}
     unknown = sorted(set(params) - set(PARAMS_FIELDS))
     if unknown:
         raise ConversionError(
-            f"{path}: unknown field(s) {unknown}; this converter handles the dense Mistral-7B layout "
-            f"(known fields: {sorted(PARAMS_FIELDS)}). A checkpoint with e.g. 'moe' or 'vision_encoder' is "
-            f"another architecture.")
+            f"{path}: unknown field(s) {unknown}; this converter handles the dense Mistral decoder "
+            f"(known fields: {sorted(PARAMS_FIELDS)}; accepted and ignored: {sorted(HARMLESS_PARAMS)}). A "
+            f"checkpoint with e.g. 'moe' or 'vision_encoder' is another architecture.")
     for key, (required, types) in PARAMS_FIELDS.items():
         if key not in params:
             if required:
@@ -80,7 +119,16 @@ def read_params(path: str | os.PathLike, model_size: str | None = None) -> Mistr
                 raise ConversionError(f"{path}: field '{key}' is {params[key]}, but --model_size {model_size} has "
                                       f"{key}={expected}; check --input_dir, or leave out --model_size")
     n_heads = params["n_heads"]
-    max_pos = params.get("max_position_embeddings", params.get("max_seq_len", DEFAULT_MAX_POSITIONS))
+    max_pos = params.get("max_position_embeddings", params.get("max_seq_len", max_position_embeddings))
+    if max_position_embeddings is not None and max_pos != max_position_embeddings:
+        raise ConversionError(f"{path}: max_seq_len is {max_pos}, but --max_position_embeddings says "
+                              f"{max_position_embeddings}; leave the option out")
+    if max_pos is None:
+        max_pos = default_max_positions
+    if max_pos is None:
+        raise ConversionError(f"{path}: no 'max_seq_len' field; pass --max_position_embeddings (the context the "
+                              f"model was trained for: 32768 for Mistral-7B-v0.3, Small-24B and Codestral-22B, "
+                              f"1024000 for Nemo-12B, as their Hugging Face config.json files say)")
     try:
         return MistralConfig(
             _source=str(path),
@@ -160,53 +208,160 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+_SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")
+_TOKENIZER = re.compile(r"tokenizer\.model(\.v\d+(m\d+)?)?|tekken\.json")
+
+
+class _LazySafetensors:
+    """Tensor name -> tensor, read from consolidated safetensors file(s) only when popped.
+
+    What :func:`convert_state_dict` needs of a state dict (iteration, ``pop``), without ever holding the whole
+    source: a 24B model is converted one tensor at a time.
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._files: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                self._files[f] = handle = safe_open(str(f), framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise ConversionError(f"{f}: unreadable safetensors file ({e}); it may be truncated") from None
+            for key in handle.keys():
+                if key in self._where:
+                    raise ConversionError(f"{f}: tensor '{key}' is also in {self._where[key].name}")
+                self._where[key] = f
+
+    def __iter__(self):
+        return iter(list(self._where))
+
+    def pop(self, key: str) -> torch.Tensor:
+        f = self._where.pop(key)
+        t = self._files[f].get_tensor(key)
+        check_tensor_dtype(f, key, t.dtype)
+        return t
+
+
+def find_weights(input_dir: Path) -> list[Path]:
+    """The release's weight files: consolidated.safetensors, or all its shards, or consolidated.00.pth."""
+    single = input_dir / "consolidated.safetensors"
+    shards = sorted(p for p in input_dir.glob("consolidated-*-of-*.safetensors") if _SHARD.fullmatch(p.name))
+    if single.is_file() and shards:
+        raise ConversionError(f"{input_dir}: both consolidated.safetensors and {shards[0].name} found; keep one")
+    if single.is_file():
+        return [single]
+    if shards:
+        total = int(_SHARD.fullmatch(shards[0].name).group(2))
+        want = {f"consolidated-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+        have = {p.name for p in shards}
+        if have != want:
+            gap = sorted(want - have) or sorted(have - want)
+            raise ConversionError(f"{input_dir}: the consolidated shards are incomplete or mixed: {gap[:3]} "
+                                  f"({len(have)} found, {total} expected)")
+        return shards
+    pths = sorted(p.name for p in input_dir.glob("consolidated.*.pth"))
+    if not pths:
+        found = sorted(p.name for p in input_dir.iterdir())
+        raise ConversionError(f"{input_dir}: no consolidated.safetensors or {CHECKPOINT_NAME} found (found: {found})")
+    if pths != [CHECKPOINT_NAME]:
+        raise ConversionError(f"{input_dir}: model-parallel shards {pths} are not supported; the 7B release has "
+                              f"one {CHECKPOINT_NAME}")
+    return [input_dir / CHECKPOINT_NAME]
+
+
+def find_tokenizer(input_dir: Path) -> Path:
+    """The one tokenizer file of a release: tokenizer.model, tokenizer.model.vN or tekken.json."""
+    found = sorted(p for p in input_dir.iterdir() if _TOKENIZER.fullmatch(p.name) and p.is_file())
+    if not found:
+        raise ConversionError(f"{input_dir}: no tokenizer file (tokenizer.model, tokenizer.model.vN or tekken.json) "
+                              f"found next to params.json")
+    if len(found) > 1:
+        raise ConversionError(f"{input_dir}: several tokenizer files {[p.name for p in found]}; keep the one "
+                              f"the model was released with")
+    return found[0]
+
+
+def _tokenizer_ids(tok_file: Path) -> tuple[int, int, int, int]:
+    """(vocabulary size, bos, eos, pad) of a tokenizer file, read by mistral_common (the file's own format).
+
+    Pad: the tokenizer's pad id (Tekken has one), else 0 (``<unk>``, never produced with byte fallback): never EOS.
+    """
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+
+    try:
+        tok = MistralCommonTokenizer.from_file(str(tok_file)).instruct_tokenizer.tokenizer
+    except Exception as e:  # noqa: BLE001 - any parse failure of a user's file is bad input
+        raise ConversionError(f"{tok_file}: not a tokenizer mistral_common can read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
+    return tok.n_words, tok.bos_id, tok.eos_id, pad
+
+
 def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, model_size: str | None = None,
-                       dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB") -> Path:
+                       dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                       max_position_embeddings: int | None = None) -> Path:
     """Convert an original Mistral folder into an HF folder our ``from_pretrained`` (and transformers) load.
 
     Writes model safetensors (+ index when sharded), config.json, generation_config.json and the tokenizer
-    files. ``dtype`` None keeps the checkpoint's dtype (bfloat16 for the released 7B).
+    file under its own name (``tokenizer.model`` also gets the v1 tokenizer files our tokenizer writes).
+    ``dtype`` None keeps the checkpoint's dtype (bfloat16 for the releases). The folder appears whole or not at
+    all: everything is written to a temporary sibling first.
     """
+    import shutil
+    import tempfile
+
     from mistral_ft.model.modeling import MistralForCausalLM
-    from mistral_ft.tokenizer import MistralTokenizer
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise ConversionError(f"--input_dir {input_dir}: no such folder")
-    config = read_params(input_dir / "params.json", model_size)
-    shards = sorted(p.name for p in input_dir.glob("consolidated.*.pth"))
-    if not shards:
-        found = sorted(p.name for p in input_dir.iterdir())
-        raise ConversionError(f"{input_dir}: no {CHECKPOINT_NAME} found (found: {found})")
-    if shards != [CHECKPOINT_NAME]:
-        raise ConversionError(f"{input_dir}: model-parallel shards {shards} are not supported; the 7B release has "
-                              f"one {CHECKPOINT_NAME}")
-    tok_file = input_dir / "tokenizer.model"
-    if not tok_file.is_file():
-        raise ConversionError(f"{input_dir}: tokenizer.model not found (the original release ships it next to "
-                              f"params.json)")
-    tokenizer = MistralTokenizer.from_pretrained(tok_file)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ConversionError(f"{tok_file}: the tokenizer has {tokenizer.vocab_size} pieces, but params.json says "
-                              f"vocab_size={config.vocab_size}")
-    ckpt = input_dir / CHECKPOINT_NAME
-    try:
-        source = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle with code in it, truncated file, not a zip checkpoint, ...
-        raise ConversionError(f"{ckpt}: cannot be read as a weights-only torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ConversionError(f"{ckpt}: expected a dict of tensors (a state dict), got {type(source).__name__}")
+    weights = find_weights(input_dir)
+    legacy = weights[0].suffix == ".pth"  # the 7B-v0.1 layout: its params.json has no max_seq_len
+    config = read_params(input_dir / "params.json", model_size, max_position_embeddings,
+                         DEFAULT_MAX_POSITIONS if legacy else None)
+    tok_file = find_tokenizer(input_dir)
+    vocab, config.bos_token_id, config.eos_token_id, config.pad_token_id = _tokenizer_ids(tok_file)
+    if vocab > config.vocab_size or config.vocab_size - vocab >= 1024:
+        raise ConversionError(f"{tok_file}: the tokenizer has {vocab} tokens, but params.json says "
+                              f"vocab_size={config.vocab_size}: they do not belong together")
+    if legacy:
+        ckpt = weights[0]
+        try:
+            source = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle with code in it, truncated file, not a zip checkpoint, ...
+            raise ConversionError(f"{ckpt}: cannot be read as a weights-only torch checkpoint "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
+            raise ConversionError(f"{ckpt}: expected a dict of tensors (a state dict), got {type(source).__name__}")
+        for key, t in source.items():
+            check_tensor_dtype(ckpt, key, t.dtype)
+    else:
+        source = _LazySafetensors(weights)
+    where = str(weights[0]) if len(weights) == 1 else f"{input_dir}/consolidated-*.safetensors"
     target_dtype = None if dtype is None else resolve_dtype(dtype)
-    state = convert_state_dict(source, config, target_dtype, where=str(ckpt))
+    state = convert_state_dict(source, config, target_dtype, where=where)
     del source
     config.torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     with torch.device("meta"):
         shell = MistralForCausalLM(config)  # only its config and class name are used by save_pretrained
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    shell.save_pretrained(output_dir, max_shard_size=max_shard_size, state_dict=state)
-    del state
-    tokenizer.save_pretrained(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        shell.save_pretrained(tmp / "out", max_shard_size=max_shard_size, state_dict=state)
+        del state
+        if tok_file.name == "tokenizer.model":
+            from mistral_ft.tokenizer import MistralTokenizer
+
+            MistralTokenizer.from_pretrained(tok_file).save_pretrained(tmp / "out")
+        else:
+            shutil.copyfile(tok_file, tmp / "out" / tok_file.name)  # as it came: its name says its version
+        output_dir.mkdir(exist_ok=True)
+        for f in (tmp / "out").iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
@@ -236,5 +391,5 @@ def mha_to_gqa(weights: dict[str, torch.Tensor] | torch.Tensor, num_heads: int, 
     return grouped.float().mean(dim=1).to(weights.dtype).reshape(num_kv_heads * hd, dim_in)
 
 
-__all__ = ["ConversionError", "convert_checkpoint", "convert_state_dict", "interleaved_to_rotate_half",
-           "mha_to_gqa", "read_params"]
+__all__ = ["ConversionError", "convert_checkpoint", "convert_state_dict", "find_tokenizer", "find_weights",
+           "interleaved_to_rotate_half", "mha_to_gqa", "read_params"]

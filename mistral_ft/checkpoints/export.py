@@ -280,7 +280,7 @@ def _base_for_config(run: Run, base: Optional[str]) -> tuple[Path]:
 def _write_config(folder: Path, config: Any, arch: str, dtype: torch.dtype) -> None:
     """config.json (hub spelling, as save_pretrained writes it) and generation_config.json (BOS/EOS/pad)."""
     cfg = config.to_dict()
-    cfg["architectures"] = [arch]
+    cfg["architectures"] = [config.architecture_name(arch)]
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}

@@ -15,7 +15,7 @@ from torch import nn
 
 from mistral_ft.model import MistralConfig, MistralForCausalLM
 from mistral_ft.model.attention import resolve_attn_implementation
-from mistral_ft.model.weights import resolve_dtype, shard_map
+from mistral_ft.model.weights import check_tensor_dtype, refuse_unknown_tensor, resolve_dtype, shard_map
 
 
 def rank_local_load_applies(c: Mapping[str, Any]) -> bool:
@@ -99,8 +99,11 @@ def materialize_rank_local(model: nn.Module, folder: str, rng_state: torch.Tenso
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
             for key, meta in header.items():
+                if key == "__metadata__" or key == "lm_head.weight" and "lm_head.weight" not in wanted:
+                    continue  # file metadata; the tied copy of the embeddings
                 if key not in wanted:
-                    continue
+                    refuse_unknown_tensor(base / shard, key, type(model).__name__)
+                check_tensor_dtype(base / shard, key, str(meta["dtype"]))
                 local, row0, rows = _local_rows(params[wanted[key]])
                 if rows:
                     _read_rows(fh, 8 + header_len, meta, row0, rows, local)

@@ -205,8 +205,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
         generator = torch.Generator(device=device).manual_seed(int(seed))
     cache = None
     if use_cache:
-        cache = past_key_values if past_key_values is not None else MistralCache(config.num_hidden_layers,
-                                                                                  config.sliding_window)
+        cache = past_key_values if past_key_values is not None else MistralCache.for_config(config)
         if cache.seen >= T:
             raise ValueError(f"generate: past_key_values already holds {cache.seen} tokens, but input_ids has only "
                              f"{T}; input_ids must contain the cached prefix plus at least one new token")
@@ -217,7 +216,6 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     sequences = input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    window = config.sliding_window
 
     for _ in range(max_new_tokens):
         if cache is not None:
@@ -227,8 +225,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
                     "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False, "logits_to_keep": 1}
         out = model(**step, return_dict=True)
         logits = out.logits[:, -1, :]  # (B, V)
-        if cache is not None and window is not None and cache.num_slots > window:  # host metadata, no sync
-            raise RuntimeError(f"rolling KV cache holds {cache.num_slots} slots, more than sliding_window={window}")
+        if cache is not None:
+            cache.check_bounds()
         if do_sample:
             scores = process_logits(logits, temperature, top_k, top_p)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)

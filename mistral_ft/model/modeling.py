@@ -87,13 +87,21 @@ class MistralRMSNorm(nn.Module):
 class MistralRotaryEmbedding(nn.Module):
     """RoPE in HF's rotate_half layout: dims [0, hd/2) pair with [hd/2, hd).
 
-    inv_freq is kept in fp32 and outside the state dict/buffers, so ``model.to(bfloat16)`` cannot round it.
+    inv_freq is kept in fp32, on the CPU (even while the model is built on the meta device) and outside the state
+    dict/buffers, so ``model.to(bfloat16)`` cannot round it. With yarn (``config.rope_scaling``), inv_freq and a
+    cos/sin scale come from :func:`yarn_inv_freq`.
     """
 
     def __init__(self, config: MistralConfig):
         super().__init__()
         d = config.head_dim
-        self._inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+        self.attention_scaling = 1.0
+        if config.rope_scaling is None:
+            exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d  # (hd/2,)
+            self._inv_freq = 1.0 / (config.rope_theta ** exponents)
+        else:
+            self._inv_freq, self.attention_scaling = yarn_inv_freq(d, config.rope_theta, config.rope_scaling,
+                                                                   config.max_position_embeddings)
         self._per_device: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,59 @@ class MistralRotaryEmbedding(nn.Module):
             inv_freq = self._per_device[x.device] = self._inv_freq.to(x.device)
         freqs = position_ids[..., None].float() * inv_freq  # (B|1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B|1, T, hd)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def yarn_inv_freq(dim: int, theta: float, rope: dict[str, Any], max_position_embeddings: int
+                  ) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071): per-frequency blend of original and interpolated RoPE.
+
+    Why: a model pretrained on ``original_max_position_embeddings`` (L) tokens is stretched ``factor`` (s) times.
+    Frequencies that turn many times within L (high ones, > beta_fast turns) are kept (extrapolation); those that
+    turn less than beta_slow times are divided by s (interpolation); a linear ramp over the dims in between blends
+    the two. cos/sin are then scaled by ``attention_factor`` (default 0.1 ln s + 1), which sharpens the softmax.
+    Numbers as transformers 5.24 computes them (same fp32 operations in the same order):
+
+        dim_of(turns) = dim * ln(L / (2 pi turns)) / (2 ln theta)          # the dim index that turns `turns` times
+        low, high     = floor(dim_of(beta_fast)), ceil(dim_of(beta_slow))   # unless truncate=false
+        ramp[i]       = clamp((i - low) / (high - low), 0, 1), i < dim/2    # 0: keep, 1: interpolate
+        inv_freq      = inv_interp * ramp + inv_extrap * (1 - ramp)
+
+    ``attention_factor`` given is used as is; else with both ``mscale`` and ``mscale_all_dim`` it is
+    m(s, mscale) / m(s, mscale_all_dim) with m(s, k) = 0.1 k ln s + 1 (1 for s <= 1); else m(s, 1).
+    ``factor: null`` means max_position_embeddings / L; beta_fast/beta_slow default to 32/1 (also when 0).
+    """
+    factor = rope["factor"]
+    L = rope.get("original_max_position_embeddings") or max_position_embeddings
+    if factor is None:
+        factor = max_position_embeddings / L
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = float(m(factor, mscale) / m(factor, mscale_all_dim)) if mscale and mscale_all_dim \
+            else m(factor)
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:
+        return (dim * math.log(L / (turns * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a one-dim ramp would divide by zero
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)  # (hd/2,)
+    inv_extrap, inv_interp = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    return inv_interp * (1 - keep) + inv_extrap * keep, attention_factor
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -212,12 +272,17 @@ def _flash_attn_available() -> bool:
 
 
 class MistralAttention(nn.Module):
-    """Multi-head attention with grouped key/value heads, rotary positions and a sliding window."""
+    """Multi-head attention with grouped key/value heads, rotary positions and a sliding window.
+
+    ``sliding_window`` is this layer's own window (``config.layer_window``: with ``layer_types`` some layers
+    attend over the full context); the masks of every window in use are built once per forward.
+    """
 
     def __init__(self, config: MistralConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.sliding_window = config.layer_window(layer_idx)
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
@@ -282,9 +347,8 @@ class MistralAttention(nn.Module):
             raise RuntimeError(
                 f"attn_implementation='flash_attention_2' needs CUDA tensors in float16/bfloat16; got {q.device.type} "
                 f"{q.dtype}. Load with torch_dtype=torch.bfloat16 on a GPU, or use attn_implementation='sdpa'.")
-        W = self.config.sliding_window
-        return flash_attention(q, k, v, attn.key_valid, attn.document_ids, W, self.scaling, dropout,
-                               flash_attn_func, flash_attn_varlen_func)
+        return flash_attention(q, k, v, attn.key_valid, attn.document_ids, self.sliding_window, self.scaling,
+                               dropout, flash_attn_func, flash_attn_varlen_func)
 
 
 def flash_attention(q, k, v, key_valid, document_ids, window, scale, dropout, dense_fn, varlen_fn):
@@ -340,8 +404,10 @@ class MistralDecoderLayer(nn.Module):
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, rope, attn: AttentionInputs, cache=None, output_attentions=False):
-        h, weights = self.self_attn(self.input_layernorm(x), rope, attn, cache, output_attentions)
+    def forward(self, x, rope, attn: dict[int | None, AttentionInputs], cache=None, output_attentions=False):
+        """``attn`` maps each window in use to its masks; this layer takes its own window's."""
+        h, weights = self.self_attn(self.input_layernorm(x), rope, attn[self.self_attn.sliding_window], cache,
+                                    output_attentions)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, weights
@@ -482,7 +548,10 @@ class MistralModel(MistralPreTrainedModel):
             use_cache = False  # inference state stays out of the training (and packed) path
         cache = past_key_values
         if cache is None and use_cache:
-            cache = MistralCache(self.config.num_hidden_layers, self.config.sliding_window)
+            cache = MistralCache.for_config(self.config)
+        if cache is not None and cache.layer_windows != self.config.layer_windows:
+            raise ValueError(f"past_key_values was made for layer windows {cache.layer_windows}, but this model's "
+                             f"layers use {self.config.layer_windows}; use MistralCache.for_config(model.config)")
         past = cache.seen if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
@@ -495,27 +564,34 @@ class MistralModel(MistralPreTrainedModel):
                 raise ValueError(f"attention_mask must be (batch, {T}) or (batch, {past + T}); "
                                  f"got {tuple(attention_mask.shape)}")
             new_valid = attention_mask[:, -T:].bool()
-        W = self.config.sliding_window
+        # One set of masks per distinct window (two with layer_types, one otherwise), shared by its layers.
+        windows = list(dict.fromkeys(self.config.layer_windows))
         if cache is not None:
             if new_valid is None:
                 new_valid = torch.ones(B, T, dtype=torch.bool, device=device)
-            k_index, key_valid = cache.begin(new_valid)
+            keys = cache.begin(new_valid)  # window -> (key index (S,), key valid (B, S))
             q_index = torch.arange(past, past + T, device=device)
-            attn = AttentionInputs(build_attention_mask(q_index, k_index, W, key_valid, None), cached=True)
+            attn = {}
+            for W in windows:
+                k_index, key_valid = keys[W]
+                attn[W] = AttentionInputs(build_attention_mask(q_index, k_index, W, key_valid, None), cached=True)
         else:
             if new_valid is not None and device.type == "cpu" and bool(new_valid.all()):
                 new_valid = None  # no padding: keep the is_causal fast path (a free check on the host)
-            need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
-            # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
-            need_mask = need_mask and (self.config.attn_implementation in ("sdpa", "eager") or bool(output_attentions))
-            mask = None
-            if need_mask:
-                idx = torch.arange(T, device=device)
-                mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
-            block_mask = None
-            if self.config.attn_implementation == "flex_attention":
-                block_mask = build_block_mask(B, T, W, new_valid, document_ids, device)
-            attn = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids, block_mask=block_mask)
+            attn = {}
+            for W in windows:
+                need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
+                # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
+                need_mask = need_mask and (self.config.attn_implementation in ("sdpa", "eager")
+                                           or bool(output_attentions))
+                mask = None
+                if need_mask:
+                    idx = torch.arange(T, device=device)
+                    mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
+                block_mask = None
+                if self.config.attn_implementation == "flex_attention":
+                    block_mask = build_block_mask(B, T, W, new_valid, document_ids, device)
+                attn[W] = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids, block_mask=block_mask)
 
         rope = self.rotary_emb(inputs_embeds, position_ids)
         x = inputs_embeds
@@ -594,7 +670,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                           reduction: str = "mean") -> torch.Tensor:
+                           reduction: str = "mean", select_targets: bool | None = None) -> torch.Tensor:
     """The same loss as :func:`causal_lm_loss`, without ever holding fp32 logits for the whole batch.
 
     * Only target positions reach the head (on CPU, where selecting them costs no device sync): prompt and
@@ -604,13 +680,15 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: tor
       checkpointed chunks instead: the wrapper's own forward runs, recomputed in backward.
     For Mistral-7B at 4 x 4096 tokens this avoids 2 GiB of fp32 logits plus as much for their gradient.
     Called inside the model's forward, so FSDP's hooks have gathered ``lm_head`` when it runs.
+    ``select_targets`` overrides the device rule (None: select on CPU only), so the CUDA path, where ignored
+    positions are masked inside the chunks, is testable on CPU.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
     targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     count = (targets != -100).sum()
-    if h.device.type == "cpu":
+    if (h.device.type == "cpu") if select_targets is None else select_targets:
         keep = (targets != -100).nonzero().squeeze(-1)
         h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     if type(lm_head) is nn.Linear and lm_head.bias is None:

@@ -32,6 +32,33 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 
+# Tensor-name endings of quantized checkpoints (FP8: weight_scale / weight_scale_inv / input_scale; GPTQ/AWQ:
+# qweight, qzeros, scales, g_idx; bitsandbytes: absmax, quant_map, quant_state). Loading the weights beside them
+# as plain floats would be silently wrong, so a checkpoint holding any of them is refused.
+_QUANTIZED_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale", "activation_scale", "qweight", "qzeros",
+                       "scales", "g_idx", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def refuse_unknown_tensor(path: Path | str, key: str, model_name: str) -> None:
+    """Raise for a tensor the model has no place for: never ignored, since it may carry numbers (a quantization
+    scale, a bias, an extra layer) without which the loaded model computes something else."""
+    if key.split(".")[-1].startswith("quant_state") or key.split(".")[-1] in _QUANTIZED_SUFFIXES:
+        raise CheckpointError(f"{path}: tensor '{key}' is a quantization scale (FP8 or another quantized "
+                              f"checkpoint); mistral_ft loads unquantized weights only: use the unquantized "
+                              f"release or dequantize it first")
+    raise CheckpointError(f"{path}: tensor '{key}' has no place in {model_name} (refused rather than ignored: "
+                          f"is this checkpoint another architecture, or does its config.json not match?)")
+
+
+def check_tensor_dtype(path: Path | str, key: str, dtype: torch.dtype | str) -> None:
+    """Weights must be stored as floats: an FP8/int tensor cast to float without its scale is not the weight."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype not in _FLOAT_DTYPES and name not in ("F32", "BF16", "F16", "F64"):
+        raise CheckpointError(f"{path}: tensor '{key}' is stored as {name}, not a float type (an FP8 or "
+                              f"otherwise quantized checkpoint); mistral_ft loads unquantized weights only")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, config: MistralConfig | None = None) -> torch.dtype:
     """None -> float32 (training default); "auto" -> the checkpoint's ``torch_dtype``; names or torch dtypes."""
     if dtype is None:
@@ -65,6 +92,9 @@ def shard_map(folder: Path) -> dict[str, list[str]]:
     if single.is_file():
         return {WEIGHTS_NAME: []}
     others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if others and all(name.startswith("consolidated") for name in others):
+        raise CheckpointError(f"{folder}: only original-format weights ({others[0]}) found; convert them to the "
+                              f"Hugging Face format with scripts/convert_mistral_weights_to_hf.py")
     if len(others) == 1:
         return {others[0]: []}
     if list(folder.glob("*.bin")) or list(folder.glob("*.pth")) or list(folder.glob("*.pt")):
@@ -74,10 +104,13 @@ def shard_map(folder: Path) -> dict[str, list[str]]:
 
 
 def read_state_dict(folder: Path, expected: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
-                    key_map=lambda k: k) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Read tensors named in ``expected`` (after ``key_map``) with shape checks; returns (state, unexpected)."""
+                    key_map=lambda k: k) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+    """Read tensors named in ``expected`` (after ``key_map``) with shape and dtype checks.
+
+    Returns (state, unexpected): ``unexpected`` as (file, key) pairs, for the caller to refuse or to skip the few
+    it knows to be harmless."""
     state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
+    unexpected: list[tuple[str, str]] = []
     for shard, names in shard_map(folder).items():
         path = folder / shard
         try:
@@ -90,13 +123,14 @@ def read_state_dict(folder: Path, expected: dict[str, torch.Size], dtype: torch.
                 for key in keys:
                     name = key_map(key)
                     if name is None or name not in expected:
-                        unexpected.append(key)
+                        unexpected.append((str(path), key))
                         continue
                     shape = f.get_slice(key).get_shape()
                     if tuple(shape) != tuple(expected[name]):
                         raise CheckpointError(f"{path}: tensor '{key}' has shape {tuple(shape)}, but the config "
                                               f"expects {tuple(expected[name])}")
                     t = f.get_tensor(key)
+                    check_tensor_dtype(path, key, t.dtype)
                     state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); it may be truncated or corrupt") from None
@@ -132,7 +166,7 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
             return k[len("model."):] if k.startswith("model.") else None
         return k
 
-    state, unexpected = read_state_dict(folder, expected, dtype, device, key_map)
+    state, unexpected_at = read_state_dict(folder, expected, dtype, device, key_map)
     missing = sorted(set(expected) - set(state))
     initialised: list[str] = []
     if missing == ["score.weight"]:
@@ -140,6 +174,14 @@ def load_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype
     elif missing:
         raise CheckpointError(f"{folder}: missing {len(missing)} tensor(s) for {cls.__name__}, e.g. '{missing[0]}'"
                               f" (present: {len(state)})")
+    # The other head of the same model is the one tensor a load may skip: lm_head when a base checkpoint starts a
+    # classification model (or the tied copy of the embeddings), score/lm_head for MistralModel. Anything else is
+    # refused, never ignored.
+    skippable = {"lm_head.weight", "score.weight"} if base_only else {"lm_head.weight"}
+    for shard_path, key in unexpected_at:
+        if key not in skippable:
+            refuse_unknown_tensor(shard_path, key, cls.__name__)
+    unexpected = [key for _, key in unexpected_at]
     for name in initialised:
         t = torch.empty(expected[name], dtype=dtype, device=device)
         torch.nn.init.normal_(t, std=config.initializer_range)
@@ -210,7 +252,7 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_size: int | str 
     try:
         save_state_dict(state, tmp, max_shard_size)
         cfg = config.to_dict()
-        cfg["architectures"] = [type(model).__name__]
+        cfg["architectures"] = [config.architecture_name(type(model).__name__)]
         cfg["torch_dtype"] = _dtype_name(next(iter(state.values())).dtype) if state else "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}

@@ -22,7 +22,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 def estimate_memory(*, total_params: int, trainable_params: int, hidden_size: int, num_layers: int,
                     batch_size: int, seq_len: int, dtype: str = "bfloat16", method: str = "lora",
                     strategy: str = "auto", world: int = 1, optimizer: str = "adamw",
-                    gradient_checkpointing: bool = False, activation_bytes_per_token_layer: float = 34.0
+                    gradient_checkpointing: bool = False, activation_bytes_per_token_layer: float = 34.0,
+                    vocab_size: int = 0, loss_chunk_size: int = 0, classification: bool = False
                     ) -> dict[str, float]:
     """Bytes per device of one training step, by part (a plan, not a measurement).
 
@@ -34,6 +35,12 @@ def estimate_memory(*, total_params: int, trainable_params: int, hidden_size: in
     - activations: ~`activation_bytes_per_token_layer` * hidden bytes per token and layer in 16-bit
       (Korthikanti et al. 2022 count 34 * s * b * h without attention scores, which SDPA/flash never
       store); with checkpointing only each layer's input (2 * hidden bytes) plus one layer's full set.
+      head_dim != hidden / heads (Nemo, Small-24B) changes only the attention projections, which
+      `total_params` (counted on the model) already holds.
+    - logits: the causal-LM head's (rows, vocab) output in 16-bit plus its fp32 copy/softmax (4 bytes), for
+      every token, or for `loss_chunk_size` rows at a time with the chunked loss. With vocab 131072 (Tekken)
+      that is 1.5 GiB per 2048 rows: not negligible. A classification head has no vocab-sized output
+      (`classification=True`).
     """
     wbytes = DTYPE_BYTES.get(dtype, 2)
     if method == "qlora":
@@ -52,8 +59,10 @@ def estimate_memory(*, total_params: int, trainable_params: int, hidden_size: in
     else:
         activations = num_layers * per_layer
     shard = world if strategy == "fsdp" else 1
+    rows = min(tokens, loss_chunk_size) if loss_chunk_size else tokens
+    logits = 0.0 if classification else rows * vocab_size * (wbytes + 4)
     parts = {"weights": weights / shard, "trainable": trainable / shard, "optimizer": optim / shard,
-             "activations": activations}
+             "activations": activations, "logits": logits}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -71,7 +80,10 @@ def log_memory_plan(c: Mapping[str, Any], model: nn.Module, trainable: int, tota
         dtype=str(c["model"].get("dtype", "bfloat16")), method=str(c["peft"]["method"]),
         strategy=str(c["strategy"]["name"]), world=world, optimizer=str(c["optimizer"]["name"]),
         gradient_checkpointing=bool(c["model"].get("gradient_checkpointing")
-                                    or c["strategy"].get("activation_checkpointing")))
+                                    or c["strategy"].get("activation_checkpointing")),
+        vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+        loss_chunk_size=int(c["model"].get("loss_chunk_size") or 0),  # what tasks/causal_lm.py reads
+        classification=str(c.get("task", "causal_lm")) != "causal_lm")
     text = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.items())
     log.info("memory plan per device (strategy=%s, world=%d): %s", c["strategy"]["name"], world, text)
     if use_cuda:

@@ -211,6 +211,8 @@ def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -
     # qlora: load on CPU and quantize layer by layer onto `device` (a bf16 7B never sits on the GPU whole)
     model = meta_model(c, model_path) if rank_local else \
         load_model(c, model_path, info, torch.device("cpu") if c["peft"]["method"] == "qlora" else device)
+    # a conf/model entry's architecture numbers must be the loaded config.json's (a wrong model.path is an error)
+    model.config.check_architecture(c["model"].get("architecture"), f"model={c['model']['name']} ({model_path})")
     if c["model"].get("compile"):
         for layer in model.model.layers:  # per layer: one small graph, reused by every layer
             layer.compile()

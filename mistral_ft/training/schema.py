@@ -36,6 +36,9 @@ class ModelSchema:
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 2048     # causal LM: tokens per chunk of the fused linear + cross-entropy (0 = plain)
     compile: bool = False           # torch.compile each decoder layer
+    # The config.json numbers of the model the entry names (conf/model/*.yaml): checked against the loaded
+    # config.json (a wrong model.path is an error, not a surprise), and what a memory plan needs before a download.
+    architecture: Optional[dict] = None
 
 
 @dataclasses.dataclass

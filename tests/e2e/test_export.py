@@ -19,10 +19,12 @@ from mistral_ft.checkpoints.export import CHECK_TEXT
 from mistral_ft.export import main as export_main
 from mistral_ft.train import main as train_main
 
-# tiny matrices: one intra-op thread is faster on the shared machine. A fixture, not a module-level call: a
-# call at import ran during collection and changed the thread count of every later test in the process
-# (the kill test's reference run then summed with 1 thread while its forkserver child used 2).
-pytestmark = pytest.mark.usefixtures("one_thread")
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny matrices: one intra-op thread is faster on the shared machine. A fixture, not a module-level
+    set_num_threads: that ran at collection and changed the thread count of every later test in the process."""
+    yield
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_steps=2",
          "data.batch_size=2", "data.validation_file=null", "checkpoint.every_n_train_steps=1",

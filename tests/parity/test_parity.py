@@ -79,7 +79,9 @@ def test_eager_attentions_match(tmp_path):
     for wa, wb in zip(a.attentions, b.attentions):
         assert wa.shape == wb.shape == (2, TINY["num_attention_heads"], 9, 9)
         assert _maxdiff(wa, wb) < ATOL
-        assert (wa[..., 0, 5:] == 0).all()  # the window: query 5.. never sees key 0
+        # the window edge (W=5, rule i-W < j <= i): query 5 sees keys 1..5 but not key 0, query 4 still sees key 0
+        assert (wa[..., 5:, 0] == 0).all() and (wa[..., 5, 1] > 0).all() and (wa[..., 4, 0] > 0).all()
+        assert (wa[..., 8, 3] == 0).all() and (wa[..., 8, 4] > 0).all()
 
 
 def test_no_sliding_window(tmp_path):
@@ -166,13 +168,26 @@ def test_transformers_save_loads_in_ours(tmp_path):
     assert _maxdiff(ours(x).logits, theirs(x).logits) < ATOL
 
 
-def test_hidden_states_and_return_tuple():
+def test_hidden_states_and_return_tuple(tmp_path):
+    """MistralModel (no head): last_hidden_state, every hidden state and the tuple form equal transformers'."""
+    import transformers
+
     from mistral_ft import MistralModel
 
     m = make_ours(MistralModel)
-    x = _ids(1, 4)
-    out = m(x, return_dict=False)
-    assert isinstance(out, tuple) and out[0].shape == (1, 4, TINY["hidden_size"])
+    m.save_pretrained(tmp_path / "base")
+    theirs = transformers.MistralModel.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    x = _ids(2, 11)
+    a, b = m(x, output_hidden_states=True), theirs(x, output_hidden_states=True)
+    assert _maxdiff(a.last_hidden_state, b.last_hidden_state) < ATOL
+    assert len(a.hidden_states) == len(b.hidden_states) == TINY["num_hidden_layers"] + 1
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        assert _maxdiff(ha, hb) < ATOL
+    ta = m(x, return_dict=False, output_hidden_states=True)
+    tb = theirs(x, return_dict=False, output_hidden_states=True)
+    assert isinstance(ta, tuple) and ta[0].shape == (2, 11, TINY["hidden_size"])
+    assert _maxdiff(ta[0], tb[0]) < ATOL
+    assert _maxdiff(ta[-1][1], tb[-1][1]) < ATOL  # the hidden-states tuple sits last in both
 
 
 def test_auto_classes_load_our_folders_with_labels(tmp_path):

@@ -197,6 +197,26 @@ def test_process_logits_top_k_top_p():
     assert kept(process_logits(logits, top_p=float(p[0]) - 0.01)) == [True, False, False, False]
     assert kept(process_logits(logits, top_p=float(p[0]) + 0.01)) == [True, True, False, False]
     assert kept(process_logits(logits, top_p=1.0)) == [True] * 4
+
+
+def test_top_p_exactly_on_a_cumulative_probability_matches_transformers():
+    """top_p equal to a cumulative mass keeps exactly the tokens that reach it (the boundary token after them is
+    dropped). Dyadic probabilities make every sum exact in fp32, so the boundary is hit bit for bit."""
+    import math
+
+    import transformers
+
+    from mistral_ft.model.generation import process_logits
+
+    logits = torch.tensor([[math.log(0.125), math.log(0.5), math.log(0.125), math.log(0.25)]])
+    assert logits.softmax(-1).tolist() == [[0.125, 0.5, 0.125, 0.25]]
+    kept = lambda s: torch.isfinite(s[0]).tolist()  # noqa: E731
+    for top_p, want in ((0.5, [False, True, False, False]), (0.75, [False, True, False, True])):
+        assert kept(process_logits(logits, top_p=top_p)) == want, top_p
+        hf = transformers.TopPLogitsWarper(top_p=top_p)(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+        assert kept(hf) == want, ("transformers", top_p)
+    # just past a boundary the next token comes in
+    assert kept(process_logits(logits, top_p=0.5000001)) == [False, True, False, True]
     assert torch.allclose(process_logits(logits, temperature=2.0), logits / 2)
 
 
