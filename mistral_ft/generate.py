@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        ids, _ = tok.encode_chat(messages)
+        ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
         _check_length(ids, model, "the conversation", folder)
         streamer = TextStreamer(tok, stdout, skip_prompt=True)
         _generate(model, ids, args, generator, streamer)

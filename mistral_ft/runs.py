@@ -30,6 +30,10 @@ from mistral_ft.model.tiny import tiny_model_path
 
 log = logging.getLogger("mistral_ft.runs")
 
+# Which model a run's `task` trains (what training builds and export writes): dpo is a causal LM, a reward
+# model a one-label sequence classifier.
+TASK_MODEL = {"causal_lm": "causal_lm", "classification": "classification", "dpo": "causal_lm", "reward": "classification"}
+
 
 # ---- which model a run config names ---------------------------------------------------------------
 def resolve_model_path(model_cfg: Mapping[str, Any]) -> str:

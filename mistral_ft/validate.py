@@ -115,12 +115,13 @@ def _main(args: list[str]) -> int:
 
     c = compose_config(overrides)  # schema, model path and data config checks, as training does
     from mistral_ft.data import DataError, build_datasets, collect_problems
+    from mistral_ft.data.preference import build_pair_datasets
     from mistral_ft.tokenizer import MistralTokenizer
 
     model_path = model_folder(c["model"])
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
     problems: list[str] = []
-    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path, bool(c["model"].get("allow_vocab_mismatch")))
     if vocab_problem:
         problems.append(vocab_problem)
 
@@ -132,17 +133,19 @@ def _main(args: list[str]) -> int:
     datasets.disable_progress_bars()
     # the pipeline's "skipped N rows" warnings: this report lists the rows themselves
     logging.getLogger("mistral_ft.data.dataset").setLevel(logging.ERROR)
+    # pairs: examples are pairs, a length is the longer row (prompt + answer) of a pair
+    build = build_pair_datasets if data_cfg.get("format") == "preference" else build_datasets
     info = None
     with collect_problems() as rows:
         try:
-            _, _, info = build_datasets(dict(data_cfg, pack=False), tokenizer)
+            _, _, info = build(dict(data_cfg, pack=False), tokenizer)
         except DataError as err:  # a file-level problem (missing, empty, no valid rows): nothing more to learn
             rows.append(str(err))
     problems += rows
     lengths: list[int] = []
     if info is not None:  # raw lengths: the same rows without truncation (bad rows skipped, already reported)
         with collect_problems():
-            raw_ds, _, _ = build_datasets(dict(data_cfg, pack=False, max_length=2**31 - 1, skip_invalid=True), tokenizer)
+            raw_ds, _, _ = build(dict(data_cfg, pack=False, max_length=2**31 - 1, skip_invalid=True), tokenizer)
         lengths = sorted(raw_ds.lengths)
 
     out = [f"config: recipe={c['_choices'].get('recipe')} model={c['model'].get('path') or c['model']['name']} "

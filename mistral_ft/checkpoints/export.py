@@ -42,8 +42,9 @@ from mistral_ft.errors import ExportError
 from mistral_ft.model import MistralConfig, MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.hub import is_hub_id
 from mistral_ft.model.weights import save_state_dict
-from mistral_ft.runs import BASE_RECORD, check_base, model_folder
+from mistral_ft.runs import BASE_RECORD, TASK_MODEL, check_base, model_folder
 from mistral_ft.tokenizer import MistralTokenizer
+from mistral_ft.tokenizer.files import find_in_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 CHECK_TEXT = "Export self-check: the quick brown fox jumps over 13 lazy dogs.\n  def f(x): return x * 2  # ok"
@@ -74,7 +75,7 @@ class Run:
 
         self.config: dict[str, Any] = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
         self.method = str(self.config.get("peft", {}).get("method", "lora"))
-        self.task = str(self.config.get("task", "causal_lm"))
+        self.task = TASK_MODEL.get(str(self.config.get("task", "causal_lm")), "causal_lm")  # the model it trained
         self.state: Optional[dict[str, torch.Tensor]] = None  # checkpoint weights, run-config-checked
         self.extra: dict[str, Any] = {}
         if self.ckpt is None and not self._exported_folder().is_dir():
@@ -146,7 +147,7 @@ class Run:
             summary = self.dir / "summary.json"
             if summary.is_file():
                 id2label = json.loads(summary.read_text()).get("id2label")
-        if str(self.config.get("data", {}).get("format")) == "regression":
+        if str(self.config.get("data", {}).get("format")) in ("regression", "preference"):  # + reward models
             return {"num_labels": 1, "problem_type": "regression"}
         if not id2label:
             raise ExportError(f"{self.dir}: cannot find the label names of this classification run "
@@ -304,7 +305,7 @@ def _tokenizer(run: Run, base_folder: Optional[Path]) -> Any:
     candidates = [Path(configured)] if configured else []
     candidates += [run.dir / "adapter", run.dir / "model"] + ([base_folder] if base_folder else [])
     for folder in candidates:
-        if (folder / "tokenizer.model").is_file():
+        if folder.is_file() or (folder.is_dir() and find_in_folder(folder) is not None):
             return MistralTokenizer.from_pretrained(str(folder))
     return MistralTokenizer.from_pretrained(None)
 

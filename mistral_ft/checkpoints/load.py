@@ -15,6 +15,7 @@ from mistral_ft.model import MistralForCausalLM
 from mistral_ft.model.hub import is_hub_id, local_model_folder
 from mistral_ft.runs import ADAPTER_CONFIG, read_adapter_config
 from mistral_ft.tokenizer import MistralTokenizer
+from mistral_ft.tokenizer.files import FOLDER_FILE_NAMES, find_in_folder
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -119,12 +120,15 @@ def load(model_path: str | Path, adapter: str | Path | None = None, dtype: str =
         check_adapter(adapter, model, folder)
         model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()  # LoRA layers are now inside
         model.eval()
-        if (adapter / "tokenizer.model").is_file():
+        if find_in_folder(adapter) is not None:
             tok_dir = adapter
-    if tok_dir is None and (folder / "tokenizer.model").is_file():
+    if tok_dir is None and find_in_folder(folder) is not None:
         tok_dir = folder
     if tok_dir is None:
-        print(f"note: {folder} has no tokenizer.model; using the Mistral-7B-v0.1 tokenizer from mistral_common",
+        if model.config.vocab_size != 32000:  # the v1 fallback fits only a v1-sized model: never guess otherwise
+            raise GenerateError(f"{folder} has no tokenizer file ({', '.join(FOLDER_FILE_NAMES)}) and its vocab_size "
+                                f"is {model.config.vocab_size}: copy the model's own tokenizer into the folder")
+        print(f"note: {folder} has no tokenizer file; using the Mistral-7B-v0.1 tokenizer from mistral_common",
               file=sys.stderr)
     tokenizer = MistralTokenizer.from_pretrained(tok_dir)
     if tokenizer.vocab_size > model.config.vocab_size:

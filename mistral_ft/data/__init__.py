@@ -15,9 +15,10 @@ Public API::
 
 Data config keys (`DataConfig`, unknown keys are an error, keys starting with "_" are ignored):
     train_file (required: .json/.jsonl/.csv/.parquet path, or a hub dataset name), format
-    ("text" | "alpaca" | "messages" | "classification" | "regression"), validation_file,
+    ("text" | "alpaca" | "messages" | "classification" | "regression" | "preference"), validation_file,
     val_fraction, split / validation_split / hub_config (hub), text_field, instruction_field,
-    input_field, output_field, messages_field, label_field, labels, max_length, pack,
+    input_field, output_field, messages_field, label_field, labels, prompt_field, chosen_field,
+    rejected_field, max_length, pack,
     group_by_length, skip_invalid, pad_to_multiple_of, seed, num_workers.
 
 Examples (items of the datasets):
@@ -25,6 +26,7 @@ Examples (items of the datasets):
                      input_ids[i] where token i is a target, else -100; BOS never a target.
     packed (causal): + "position_ids" (restart at 0 per example) + "document_ids" (0, 1, ... per row).
     classification:  {"input_ids": list[int], "label": int}  (regression: float)
+    preference:      {"prompt_ids", "chosen_ids", "rejected_ids"}: one whole pair (mistral_ft.data.preference)
 
 Batches (`Collator`, right padding to the batch max, optionally a multiple of N):
     input_ids (B, T) long, pad 0 | attention_mask (B, T) long, 1 = real token

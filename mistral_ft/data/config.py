@@ -15,7 +15,9 @@ from mistral_ft.data.errors import DataError
 
 CAUSAL_FORMATS = ("text", "alpaca", "messages")
 SEQUENCE_FORMATS = ("classification", "regression")
-FORMATS = CAUSAL_FORMATS + SEQUENCE_FORMATS
+PREFERENCE_FORMATS = ("preference",)  # pairs for DPO and reward models (mistral_ft.data.preference)
+FORMATS = CAUSAL_FORMATS + SEQUENCE_FORMATS + PREFERENCE_FORMATS
+TRAIN_ON = ("all", "last")
 
 
 @dataclasses.dataclass
@@ -40,7 +42,14 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    tools_field: str = "tools"
+    # Which assistant turns of a messages row are trained: "all" (those without weight 0) or "last"
+    # (only the final one: mistral-finetune's rule for tool rows, whose earlier turns are context).
+    train_on: str = "all"
     label_field: str = "label"
+    prompt_field: str = "prompt"  # preference: optional; without it chosen/rejected are whole conversations
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     # Classification label names in id order; None = sorted names found in the train split.
     labels: Optional[list[str]] = None
     max_length: int = 1024
@@ -78,6 +87,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Check value ranges and combinations that would otherwise fail deep inside training."""
+        if self.train_on not in TRAIN_ON:
+            raise DataError(f"data config: field 'train_on': {self.train_on!r} is not one of {list(TRAIN_ON)}")
         if self.format not in FORMATS:
             raise DataError(f"data config: field 'format': {self.format!r} is not one of {list(FORMATS)}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -86,7 +97,7 @@ class DataConfig:
             raise DataError(f"data config: field 'val_fraction': must be in [0, 1), got {self.val_fraction!r}")
         if self.validation_file and self.val_fraction:
             raise DataError("data config: give either 'validation_file' or 'val_fraction', not both")
-        if self.pack and self.format in SEQUENCE_FORMATS:
+        if self.pack and self.format not in CAUSAL_FORMATS:
             raise DataError(f"data config: field 'pack': packing is only for causal formats {list(CAUSAL_FORMATS)}")
         if self.pad_to_multiple_of is not None and (
             not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1

@@ -14,13 +14,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from mistral_ft.data.collate import Collator
-from mistral_ft.data.config import DataConfig
+from mistral_ft.data.config import PREFERENCE_FORMATS, DataConfig
 from mistral_ft.data.dataset import DataInfo, TokenDataset, build_datasets
 from mistral_ft.data.errors import DataError
 from mistral_ft.data.formats import ChatTokenizer
+from mistral_ft.data.preference import PairCollator, PairDataset, build_pair_datasets
 from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler, loader_generator
 
-TASKS = ("causal_lm", "classification")
+TASKS = ("causal_lm", "classification", "dpo", "reward")  # dpo / reward take format "preference"
 
 
 class MistralDataModule(L.LightningDataModule):
@@ -49,7 +50,8 @@ class MistralDataModule(L.LightningDataModule):
         self.cfg = DataConfig.from_mapping(data_cfg)
         if task not in TASKS:
             raise DataError(f"task must be one of {list(TASKS)}, got {task!r}")
-        if (task == "causal_lm") != self.cfg.is_causal:
+        preference = self.cfg.format in PREFERENCE_FORMATS
+        if (task in ("dpo", "reward")) != preference or (not preference and (task == "causal_lm") != self.cfg.is_causal):
             raise DataError(f"data format {self.cfg.format!r} does not fit task {task!r}")
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -58,15 +60,17 @@ class MistralDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = self.cfg.num_workers if num_workers is None else num_workers
-        self.collator = Collator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=self.cfg.pad_to_multiple_of)
-        self.train_dataset: Optional[TokenDataset] = None
-        self.val_dataset: Optional[TokenDataset] = None
+        self.collator: Any = (PairCollator if preference else Collator)(
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=self.cfg.pad_to_multiple_of)
+        self.train_dataset: Optional[TokenDataset | PairDataset] = None
+        self.val_dataset: Optional[TokenDataset | PairDataset] = None
         self.info: Optional[DataInfo] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the datasets (once; later calls are no-ops)."""
         if self.train_dataset is None:
-            self.train_dataset, self.val_dataset, self.info = build_datasets(self.cfg, self.tokenizer)
+            build = build_pair_datasets if self.cfg.format in PREFERENCE_FORMATS else build_datasets
+            self.train_dataset, self.val_dataset, self.info = build(self.cfg, self.tokenizer)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every Lightning checkpoint: the data summary, so the label mapping travels with it."""

@@ -155,7 +155,17 @@ def _tokenize(
     for loc, row in zip(rows.locs, rows.rows):
         try:
             if cfg.is_causal:
-                ids, labels = tokenize_causal(row, tokenizer)
+                try:
+                    ids, labels = tokenize_causal(row, tokenizer)
+                except RowError as err:
+                    raise DataError(f"{loc}: {err}") from None
+                _check_ids(ids, tokenizer.vocab_size, loc)
+                if len(ids) > limit and _has_tools(row):
+                    raise DataError(
+                        f"{loc}: a tool conversation of {len(ids)} tokens exceeds max_length={limit}; tool rows are "
+                        "never truncated (the cut could remove the tool definitions or split a tool call; see "
+                        "docs/tokenizers.md): raise max_length or shorten the row"
+                    )
                 if len(ids) > limit:
                     ids, labels = ids[:limit], labels[:limit]
                     truncated += 1
@@ -169,6 +179,7 @@ def _tokenize(
                 other.append(labels)
             else:
                 ids = tokenize_sequence(row, tokenizer)
+                _check_ids(ids, tokenizer.vocab_size, loc)
                 if len(ids) > limit:
                     ids = ids[:limit]
                     truncated += 1
@@ -187,6 +198,22 @@ def _tokenize(
         ids_col.append(ids)
     key = "labels" if cfg.is_causal else "label"
     return {"input_ids": ids_col, key: other}, truncated, skipped
+
+
+def _has_tools(row: dict[str, Any]) -> bool:
+    return "tools" in row or any(m["role"] == "tool" or "tool_calls" in m for m in row.get("messages", ()))
+
+
+def _check_ids(ids: list[int], vocab_size: int, loc: str) -> None:
+    """Every id must have an embedding row: on CUDA an out-of-range id is a device assert that kills the job.
+
+    The tokenizer's vocabulary is checked against the model's ``vocab_size`` when the model loads (it may
+    not be larger), so ids below the tokenizer's size are safe for the model too.
+    """
+    top = max(ids, default=0)
+    if top >= vocab_size or min(ids, default=0) < 0:
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise DataError(f"{loc}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def _finish(columns: dict[str, list[Any]], cfg: DataConfig, seed: int) -> dict[str, list[Any]]:

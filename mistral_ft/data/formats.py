@@ -9,9 +9,12 @@ bad row) and validate again, identically, the rows `datasets` hands back.
 Canonical rows:
     text            {"text": str}
     alpaca          {"messages": [user, assistant]}   user = instruction + ("\\n\\n" + input if input)
-    messages        {"messages": [{"role", "content", "weight" (0 | 1; 1 on non-assistant)}, ...]}
+    messages        {"messages": [{"role", "content", "weight" (0 | 1; 1 on non-assistant)}, ...], "tools"?: [...]}
+                    assistant: optional "tool_calls" [{id, type, function: {name, arguments}}] (content
+                    then may be None); tool: "tool_call_id"
     classification  {"text": str, "label": str | int}  (name or id; ids are resolved later)
     regression      {"text": str, "label": float}
+    preference      {"prompt": [messages ending with user], "chosen": str, "rejected": str}  (see normalize_pair)
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any, Optional, Protocol
 
 from mistral_ft.data.config import DataConfig
 from mistral_ft.data.errors import RowError
+from mistral_ft.tokenizer.files import TOOL_VERSIONS, ChatError
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
@@ -36,10 +40,13 @@ class ChatTokenizer(Protocol):
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
+    vocab_size: int
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]: ...
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Any = None, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]: ...
 
 
 def _field(row: Mapping[str, Any], name: str) -> Any:
@@ -61,11 +68,15 @@ def _text(value: Any, name: str, *, allow_empty: bool = False) -> str:
 
 
 def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
-    if from_csv and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RowError(name, f"CSV cell is not a JSON list of messages ({err.msg})") from None
+    """Validate a conversation: roles system | user | assistant | tool, OpenAI / mistral-finetune shapes.
+
+    Plain rows (no tool calls, no tool messages) keep the strict rule every version can encode: optional
+    system first, then user/assistant alternating, user first. Tool rows follow the function-calling
+    order instead (an assistant ``tool_calls`` turn, then one ``tool`` message per call, matched by
+    ``tool_call_id``); whether the tokenizer can encode tools at all is checked at tokenization, where
+    the version is known.
+    """
+    value = _maybe_json(value, name, from_csv, "a JSON list of messages")
     if not isinstance(value, list):
         raise RowError(name, f"expected a list of messages, got {type(value).__name__}")
     if not value:
@@ -80,9 +91,6 @@ def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
             raise RowError(f"{where}.role", "missing")
         if not isinstance(role, str) or role not in ROLES:
             raise RowError(f"{where}.role", f"unknown role {role!r} (expected one of {list(ROLES)})")
-        if msg.get("content") is None:
-            raise RowError(f"{where}.content", "missing")
-        content = _text(msg["content"], f"{where}.content")
         weight = msg.get("weight")
         if weight is not None and role != "assistant":
             raise RowError(f"{where}.weight", f"only allowed on assistant messages (this one is {role!r})")
@@ -90,21 +98,150 @@ def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
             weight = 1
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
             raise RowError(f"{where}.weight", f"expected 0 or 1, got {weight!r}")
-        out.append({"role": role, "content": content, "weight": int(weight)})
-    # v1 [INST] format: optional system first, then user/assistant strictly alternating, user first.
-    turns = out[1:] if out[0]["role"] == "system" else out
-    for i, msg in enumerate(turns):
-        idx = i + (len(out) - len(turns))
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            raise RowError(
-                f"{name}[{idx}].role",
-                f"expected {expected!r} here, got {msg['role']!r} (optional system first, then user/assistant alternating)",
-            )
-    if not turns or turns[-1]["role"] != "assistant":
+        tool_calls = msg.get("tool_calls")
+        if tool_calls is not None and role != "assistant":
+            raise RowError(f"{where}.tool_calls", f"only allowed on assistant messages (this one is {role!r})")
+        if tool_calls is not None and not (isinstance(tool_calls, list) and tool_calls == []):
+            calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(_list(tool_calls, f"{where}.tool_calls"))]
+            content = msg.get("content")
+            if content is not None and not (isinstance(content, str) and content == ""):
+                content = _text(content, f"{where}.content")
+            else:
+                content = None
+            out.append({"role": role, "content": content, "tool_calls": calls, "weight": int(weight)})
+            continue
+        if msg.get("content") is None:
+            raise RowError(f"{where}.content", "missing")
+        content = _text(msg["content"], f"{where}.content")
+        entry: dict[str, Any] = {"role": role, "content": content, "weight": int(weight)}
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise RowError(f"{where}.tool_call_id", f"a tool message needs the id of the call it answers, got {call_id!r}")
+            entry["tool_call_id"] = call_id
+            if isinstance(msg.get("name"), str) and msg["name"]:
+                entry["name"] = msg["name"]
+        out.append(entry)
+    if any(m["role"] == "tool" or "tool_calls" in m for m in out):
+        _check_tool_order(out, name)
+    else:
+        # v1 [INST] format: optional system first, then user/assistant strictly alternating, user first.
+        turns = out[1:] if out[0]["role"] == "system" else out
+        for i, msg in enumerate(turns):
+            idx = i + (len(out) - len(turns))
+            expected = "user" if i % 2 == 0 else "assistant"
+            if msg["role"] != expected:
+                raise RowError(
+                    f"{name}[{idx}].role",
+                    f"expected {expected!r} here, got {msg['role']!r} (optional system first, then user/assistant alternating)",
+                )
+    if out[-1]["role"] != "assistant":
         raise RowError(name, "the conversation must end with an assistant message")
-    if not any(m["role"] == "assistant" and m["weight"] != 0 for m in turns):
+    if not any(m["role"] == "assistant" and m["weight"] != 0 for m in out):
         raise RowError(name, "no assistant message with weight != 0: nothing to learn from this row")
+    return out
+
+
+def _maybe_json(value: Any, name: str, from_csv: bool, what: str) -> Any:
+    if from_csv and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RowError(name, f"CSV cell is not {what} ({err.msg})") from None
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise RowError(name, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """OpenAI shape {id, type: function, function: {name, arguments: JSON str | object}} -> canonical dict."""
+    if not isinstance(call, Mapping):
+        raise RowError(where, f"expected an object {{id, type, function}}, got {type(call).__name__}")
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise RowError(f"{where}.id", f"missing or not a string ({call_id!r}): tool results refer to calls by id")
+    kind = call.get("type", "function")
+    if kind not in (None, "function"):
+        raise RowError(f"{where}.type", f"only 'function' tool calls exist, got {kind!r}")
+    function = call.get("function")
+    if not isinstance(function, Mapping):
+        raise RowError(f"{where}.function", f"expected an object {{name, arguments}}, got {type(function).__name__}")
+    fname = function.get("name")
+    if not isinstance(fname, str) or not fname:
+        raise RowError(f"{where}.function.name", f"missing or not a string ({fname!r})")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            raise RowError(f"{where}.function.arguments", f"not valid JSON ({err.msg})") from None
+        if not isinstance(parsed, dict):
+            raise RowError(f"{where}.function.arguments", f"expected a JSON object, got {type(parsed).__name__}")
+    elif not isinstance(arguments, Mapping):
+        raise RowError(f"{where}.function.arguments", f"expected a JSON object or string, got {type(arguments).__name__}")
+    else:
+        arguments = dict(arguments)
+    return {"id": call_id, "type": "function", "function": {"name": fname, "arguments": arguments}}
+
+
+def _check_tool_order(out: list[dict[str, Any]], name: str) -> None:
+    """Function-calling order: user first (after an optional system), each tool message answers a call of
+    the assistant turn before it, and every call is answered before the conversation moves on."""
+    start = 1 if out[0]["role"] == "system" else 0
+    if start >= len(out) or out[start]["role"] != "user":
+        raise RowError(f"{name}[{start}].role", "the conversation must start with a user message (after an optional system)")
+    open_calls: dict[str, int] = {}
+    for i, msg in enumerate(out[start:], start):
+        role = msg["role"]
+        if role == "system":
+            raise RowError(f"{name}[{i}].role", "a system message is only allowed first")
+        if role == "tool":
+            call_id = msg["tool_call_id"]
+            if call_id not in open_calls:
+                raise RowError(f"{name}[{i}].tool_call_id",
+                               f"{call_id!r} matches no unanswered tool call of the assistant message before it")
+            del open_calls[call_id]
+            continue
+        if open_calls:
+            raise RowError(f"{name}[{i}].role", f"tool call(s) {sorted(open_calls)} have no tool result before this "
+                                                f"{role!r} message")
+        if "tool_calls" in msg:
+            open_calls = {c["id"]: i for c in msg["tool_calls"]}
+            if len(open_calls) != len(msg["tool_calls"]):
+                raise RowError(f"{name}[{i}].tool_calls", "two tool calls with the same id")
+    if open_calls and out[-1]["role"] != "assistant":
+        raise RowError(name, f"tool call(s) {sorted(open_calls)} have no tool result")
+
+
+def _tools(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
+    """Top-level ``tools``: [{type: function, function: {name, description?, parameters?}}] (OpenAI shape)."""
+    value = _maybe_json(value, name, from_csv, "a JSON list of tools")
+    out = []
+    for i, tool in enumerate(_list(value, name)):
+        where = f"{name}[{i}]"
+        if not isinstance(tool, Mapping):
+            raise RowError(where, f"expected an object {{type, function}}, got {type(tool).__name__}")
+        if tool.get("type", "function") != "function":
+            raise RowError(f"{where}.type", f"only 'function' tools exist, got {tool.get('type')!r}")
+        function = tool.get("function")
+        if not isinstance(function, Mapping):
+            raise RowError(f"{where}.function", f"expected an object {{name, description, parameters}}, got "
+                                                f"{type(function).__name__}")
+        fname = function.get("name")
+        if not isinstance(fname, str) or not fname:
+            raise RowError(f"{where}.function.name", f"missing or not a string ({fname!r})")
+        description = function.get("description", "")
+        if not isinstance(description, str):
+            raise RowError(f"{where}.function.description", f"expected a string, got {type(description).__name__}")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, Mapping):
+            raise RowError(f"{where}.function.parameters", f"expected a JSON schema object, got {type(parameters).__name__}")
+        out.append({"type": "function", "function": {"name": fname, "description": description,
+                                                     "parameters": dict(parameters)}})
     return out
 
 
@@ -161,14 +298,85 @@ def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[
             ]
         }
     if fmt == "messages":
-        return {"messages": _messages(_field(row, cfg.messages_field), cfg.messages_field, from_csv)}
+        messages = _messages(_field(row, cfg.messages_field), cfg.messages_field, from_csv)
+        if cfg.train_on == "last":  # only the final answer is a target; earlier turns are context
+            messages = [dict(m, weight=0) if m["role"] == "assistant" else m for m in messages[:-1]] + messages[-1:]
+            if messages[-1]["weight"] == 0:
+                raise RowError(cfg.messages_field, "train_on=last, but the last assistant message has weight 0")
+        out: dict[str, Any] = {"messages": messages}
+        tools = row.get(cfg.tools_field)
+        if tools is not None and tools != [] and tools != "":  # "" : an empty CSV cell
+            out["tools"] = _tools(tools, cfg.tools_field, from_csv)
+        return out
     if fmt == "classification":
         text = _text(_field(row, cfg.text_field), cfg.text_field)
         return {"text": text, "label": _class_label(_field(row, cfg.label_field), cfg.label_field, from_csv)}
     if fmt == "regression":
         text = _text(_field(row, cfg.text_field), cfg.text_field)
         return {"text": text, "label": _float_target(_field(row, cfg.label_field), cfg.label_field, from_csv)}
+    if fmt == "preference":
+        return normalize_pair(row, cfg, from_csv)
     raise ValueError(f"unknown format {fmt!r}")  # DataConfig.validate rules this out
+
+
+# ---- preference pairs (tokenized and batched in data/preference.py) ---------------------------------------------------------------------------------------
+def _prompt_messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
+    if isinstance(value, str) and not (from_csv and value.lstrip().startswith("[")):
+        return [{"role": "user", "content": _text(value, name)}]
+    if from_csv and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RowError(name, f"CSV cell is not a string prompt nor a JSON list of messages ({err.msg})") from None
+    if not isinstance(value, list) or not value:
+        raise RowError(name, f"expected a string or a non-empty list of messages, got {type(value).__name__}")
+    last = value[-1].get("role") if isinstance(value[-1], Mapping) else None
+    if last in ("assistant", "system"):
+        raise RowError(f"{name}[{len(value) - 1}].role", f"a prompt must end with a user message, got {last!r}")
+    # the message checks of format "messages", on the prompt plus a placeholder answer
+    return _messages(list(value) + [{"role": "assistant", "content": "-"}], name, False)[:-1]
+
+
+def _answer(value: Any, name: str, from_csv: bool) -> str:
+    if from_csv and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain answer that happens to start with "["
+    if isinstance(value, list):  # TRL's conversational form: [{"role": "assistant", "content": ...}]
+        if len(value) != 1 or not isinstance(value[0], Mapping):
+            raise RowError(name, f"expected one assistant message, got a list of {len(value)} items")
+        if value[0].get("role") != "assistant":
+            raise RowError(f"{name}[0].role", f"expected 'assistant', got {value[0].get('role')!r}")
+        if value[0].get("content") is None:
+            raise RowError(f"{name}[0].content", "missing")
+        return _text(value[0]["content"], f"{name}[0].content")
+    return _text(value, name)
+
+
+def normalize_pair(row: Mapping[str, Any], cfg: DataConfig, from_csv: bool = False) -> dict[str, Any]:
+    """One raw preference row -> {"prompt": [messages], "chosen": str, "rejected": str}, or `RowError`."""
+    cf, rf = cfg.chosen_field, cfg.rejected_field
+    if row.get(cfg.prompt_field) is not None:
+        prompt = _prompt_messages(row[cfg.prompt_field], cfg.prompt_field, from_csv)
+        chosen, rejected = _answer(_field(row, cf), cf, from_csv), _answer(_field(row, rf), rf, from_csv)
+    else:  # (a null prompt counts as absent: `datasets` fills a field missing in some rows with None)
+        conv_c = _messages(_field(row, cf), cf, from_csv)
+        conv_r = _messages(_field(row, rf), rf, from_csv)
+        key = lambda m: (m["role"], m["content"])  # noqa: E731
+        shared = next((i for i, (a, b) in enumerate(zip(conv_c, conv_r)) if key(a) != key(b)), min(len(conv_c), len(conv_r)))
+        if len(conv_c) != len(conv_r) or shared < len(conv_c) - 1:
+            raise RowError(
+                f"{rf}[{shared}]",
+                f"differs from {cf}[{shared}]: chosen and rejected conversations must share every message "
+                "but the last (the prompt), and end with one assistant answer each",
+            )
+        prompt = [{"role": m["role"], "content": m["content"], "weight": m["weight"]} for m in conv_c[:-1]]
+        chosen, rejected = conv_c[-1]["content"], conv_r[-1]["content"]
+    if chosen == rejected:
+        raise RowError(rf, "identical to the chosen answer: a pair must prefer one answer over a different one")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
 
 
 def tokenize_causal(row: dict[str, Any], tokenizer: ChatTokenizer) -> tuple[list[int], list[int]]:
@@ -176,24 +384,49 @@ def tokenize_causal(row: dict[str, Any], tokenizer: ChatTokenizer) -> tuple[list
 
     labels[i] = input_ids[i] where token i is a target, else -100. BOS is never a target.
     text: every token after BOS is a target, EOS included (the model must learn to stop).
-    chat: `encode_chat`'s target mask (assistant answers with weight != 0 and their EOS).
+    chat: `encode_chat`'s target mask (assistant answers and tool calls with weight != 0, their EOS).
+    A conversation the tokenizer's version cannot encode (tools before v3, content with tool calls on
+    v3) is a `RowError` naming the message; nothing is dropped.
     """
     if "text" in row:
         ids = tokenizer.encode(row["text"], add_bos=True, add_eos=True)
         mask = [False] + [True] * (len(ids) - 1)
     else:
-        # weight only on assistant messages: that is where the tokenizer accepts (and uses) it
-        messages = [
-            {"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if m["role"] == "assistant" else {})}
-            for m in row["messages"]
-        ]
-        ids, mask = tokenizer.encode_chat(messages)
+        messages = [_for_tokenizer(m) for m in row["messages"]]
+        tools = row.get("tools")
+        _check_version_can_encode(row["messages"], tools, tokenizer)
+        try:
+            ids, mask = tokenizer.encode_chat(messages, tools=tools) if tools else tokenizer.encode_chat(messages)
+        except ChatError as err:
+            raise RowError("messages", str(err)) from None
     if len(ids) != len(mask):
         raise RuntimeError(f"tokenizer returned {len(ids)} ids but {len(mask)} mask entries")
     if ids and ids[0] == tokenizer.bos_token_id:
         mask = [False] + list(mask[1:])
     labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, mask)]
     return list(ids), labels
+
+
+def _for_tokenizer(message: dict[str, Any]) -> dict[str, Any]:
+    """The canonical message as `encode_chat` takes it: weight only on assistant messages, no None content."""
+    out = {k: v for k, v in message.items() if v is not None and (k != "weight" or message["role"] == "assistant")}
+    return out
+
+
+def _check_version_can_encode(messages: list[dict[str, Any]], tools: Any, tokenizer: ChatTokenizer) -> None:
+    kind = getattr(tokenizer, "kind", None)
+    version = kind.name if kind is not None else "v1"
+    for i, m in enumerate(messages):
+        if "tool_calls" in m or m["role"] == "tool" or tools:
+            if not getattr(tokenizer, "supports_tools", False):
+                where = "tools" if tools else f"messages[{i}]"
+                raise RowError(where, f"tool calls need a tokenizer of version {', '.join(TOOL_VERSIONS)}; this "
+                                      f"tokenizer is {version} (v1 has no tool format, v2 drops earlier tool calls)")
+        if "tool_calls" in m and m.get("content") and version in ("v3", "tekken-v3"):
+            raise RowError(f"messages[{i}]", f"an assistant message with both content and tool_calls cannot be "
+                                             f"encoded by the {version} format (mistral_common refuses it; v7 "
+                                             "encodes it): keep only the tool calls, or split the text into "
+                                             "the next assistant turn")
 
 
 def tokenize_sequence(row: dict[str, Any], tokenizer: ChatTokenizer) -> list[int]:

@@ -181,6 +181,8 @@ def loader_generator(seed: int) -> torch.Generator:
 
 
 def _batch_len(batch: Any) -> int:
+    if isinstance(batch, dict) and "num_pairs" in batch:  # preference batches: 2 rows per sample
+        return int(batch["num_pairs"])
     if isinstance(batch, dict):
         batch = batch.get("input_ids", next(iter(batch.values())))
     if isinstance(batch, torch.Tensor):

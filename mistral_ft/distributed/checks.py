@@ -23,6 +23,21 @@ def _launcher_env() -> Optional[str]:
     return None
 
 
+def launcher_ranks() -> tuple[int, int]:
+    """(global rank, local rank) of this process before Lightning has set anything up.
+
+    Why not LOCAL_RANK alone: under srun no LOCAL_RANK/RANK exists yet (Lightning's SLURMEnvironment reads
+    SLURM_PROCID / SLURM_LOCALID), so every task would think it is rank 0, write the run folder's files and
+    load the model onto cuda:0; under torchrun on the second node LOCAL_RANK is 0 but RANK is not.
+    Lightning's own launcher (one node) sets LOCAL_RANK in its children, where it is also the global rank.
+    """
+    env = os.environ
+    if _launcher_env() == "slurm":
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", env["SLURM_PROCID"]))
+    local = int(env.get("LOCAL_RANK", env.get("RANK", "0")))
+    return int(env.get("RANK", local)), local
+
+
 def requested_devices(devices: Any, use_cuda: bool) -> int:
     """The number of devices `trainer.devices` asks for on this node (-1/"auto": all of them)."""
     available = torch.cuda.device_count() if use_cuda else (os.cpu_count() or 1)

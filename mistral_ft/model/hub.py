@@ -32,7 +32,7 @@ def local_model_folder(path_or_id: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "tokenizer.model.v*"]
         try:
             return Path(snapshot_download(s, allow_patterns=patterns, local_files_only=True))
         except Exception:

@@ -8,7 +8,6 @@ call in-process); each step is a function of its own here or in the module that 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import json
 import time
@@ -20,12 +19,12 @@ from mistral_ft.adapters.lora import apply_peft, trainable_parameter_count
 from mistral_ft.data import MistralDataModule
 from mistral_ft.distributed.fsdp import gather_trainable, is_sharded
 from mistral_ft.distributed.rank_local import meta_model, rank_local_load_applies
-from mistral_ft.distributed.checks import requested_devices
+from mistral_ft.distributed.checks import launcher_ranks, requested_devices
 from mistral_ft.errors import ConfigError, TrainingStopped
 
 from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.attention import resolve_attn_implementation
-from mistral_ft.runs import model_folder, record_base, resolve_resume
+from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resume
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
@@ -54,7 +53,7 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     lock_cfg = c.get("lock") or {}
     if set(lock_cfg) - {"break"} or not isinstance(lock_cfg.get("break", False), bool):
         raise ConfigError(f"lock: takes only break=true|false, got {lock_cfg!r}")
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    rank, _ = launcher_ranks()
     if rank != 0:  # rank 0 holds the run folder's lock for the whole job
         return _run_training(c, run_dir, overrides, choices)
     with FolderLock(run_dir, what="training", force=bool(lock_cfg.get("break", False))):
@@ -69,7 +68,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
 
     ckpt_dir = run_dir / "checkpoints"
     resume_ckpt = c.get("resume")
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    rank, local_rank = launcher_ranks()
     if not resume_ckpt and rank == 0 and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass resume={run_dir} to continue it, "
                           "or choose another hydra.run.dir")
@@ -85,7 +84,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     # hub id -> local folder first (fetched once, or found in the hub cache): the tokenizer lives there too
     model_path = model_folder(c["model"])
     tokenizer = MistralTokenizer.from_pretrained(c["model"].get("tokenizer") or model_path)
-    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path)
+    vocab_problem = check_tokenizer_matches_model(tokenizer, model_path, bool(c["model"].get("allow_vocab_mismatch")))
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
     data_cfg = dict(c["data"])
@@ -97,7 +96,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     info = datamodule.info
     assert info is not None
 
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     model = build_model(c, model_path, info, device)
     trainable, total = trainable_parameter_count(model)
     log.info("model %s: %s trainable of %s parameters (%.3f%%)", model_path, f"{trainable:,}", f"{total:,}",
@@ -112,6 +111,10 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
     if rank == 0:  # the run folder's descriptive files, written only now that data, model and trainer are built
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
+    if trainer.world_size > 1:  # which launcher Lightning found: the line to read when a multi-node job hangs
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        log.info("rank %d of %d (node %d, local rank %d): %s", trainer.global_rank, trainer.world_size,
+                 trainer.node_rank, trainer.local_rank, type(env).__name__)
     try:
         return _fit_and_report(trainer, module, datamodule, c, run_dir, resume_ckpt, tokenizer, info,
                                choices=choices, trainable=trainable, total=total, t_wall=t_wall)
@@ -164,9 +167,11 @@ def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) ->
     kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
                                   attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
                                                                                   device))
-    if c["task"] == "causal_lm":
+    if TASK_MODEL[c["task"]] == "causal_lm":
         return MistralForCausalLM.from_pretrained(model_path, **kwargs)
-    if info.format == "regression":
+    if c["task"] == "reward":  # one scalar score per sequence
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif info.format == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     else:
         id2label = {int(k): str(v) for k, v in (info.id2label or {}).items()}
@@ -221,7 +226,7 @@ def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -
         if c["peft"]["method"] != "none":
             model.enable_input_require_grads()  # a frozen embedding would cut the checkpointed graph
     rng = torch.random.get_rng_state()  # what peft draws the LoRA init from (replayed by a rank-local load)
-    model = apply_peft(model, c["peft"], task=str(c["task"]), device=device)
+    model = apply_peft(model, c["peft"], task=TASK_MODEL[str(c["task"])], device=device)
     if rank_local:
         model.rank_local_source = (model_path, rng)
     model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them
@@ -256,13 +261,37 @@ def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: A
     return str(folder)
 
 
-def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path) -> Optional[str]:
-    """A problem string when the tokenizer can produce ids the model has no embedding row for."""
+# Padded embeddings: checkpoints round vocab_size up (to a multiple of 64..1024) past the tokenizer's
+# count; a smaller gap than this is padding, a larger one a different tokenizer (v3's 32768 on Nemo's 131072).
+VOCAB_PADDING_LIMIT = 1024
+
+
+def check_tokenizer_matches_model(tokenizer: Any, model_path: str | Path, allow_mismatch: bool = False) -> Optional[str]:
+    """A problem string when the tokenizer and the model's embedding do not belong together.
+
+    More tokens than ``vocab_size``: ids with no embedding row (a CUDA device assert mid-training), always
+    an error. Fewer: fine when the gap is below ``VOCAB_PADDING_LIMIT`` (padded embeddings), else almost
+    surely the wrong tokenizer for the model (it trains, silently, on ids the model never learned);
+    ``model.allow_vocab_mismatch=true`` accepts it on purpose.
+    """
     config = Path(model_path) / "config.json"
     try:
         vocab = int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
     except (OSError, KeyError, ValueError, TypeError):
         return None  # from_pretrained reports a missing or broken config.json with its own message
+    name = getattr(getattr(tokenizer, "kind", None), "name", "v1")
+    source = getattr(tokenizer, "model_file", "the tokenizer")
+    if tokenizer.vocab_size > vocab:
+        return (f"model.tokenizer: the tokenizer ({source}, {name}) has {tokenizer.vocab_size} tokens but the model at "
+                f"{model_path} has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the "
+                "model's own tokenizer (model.tokenizer=null) or a model with a matching vocabulary")
+    gap = vocab - tokenizer.vocab_size
+    if gap >= VOCAB_PADDING_LIMIT and not allow_mismatch:
+        return (f"model.tokenizer: the tokenizer ({source}, {name}) has {tokenizer.vocab_size} tokens but the model at "
+                f"{model_path} has vocab_size {vocab} ({config}), {gap} more: more than embedding padding "
+                f"(< {VOCAB_PADDING_LIMIT}), so probably another model's tokenizer. Use the model's own tokenizer "
+                "(model.tokenizer=null), or set model.allow_vocab_mismatch=true if this pairing is intended")
+    return None  # from_pretrained reports a missing or broken config.json with its own message
     if tokenizer.vocab_size > vocab:
         return (f"model.tokenizer: the tokenizer has {tokenizer.vocab_size} tokens but the model at {model_path} "
                 f"has vocab_size {vocab} ({config}): ids >= {vocab} have no embedding row. Use the model's own "

@@ -31,6 +31,7 @@ class ModelSchema:
     name: str
     path: Optional[str] = None
     tokenizer: Optional[str] = None
+    allow_vocab_mismatch: bool = False  # accept a tokenizer >= 1024 tokens smaller than the model's vocab_size
     dtype: str = "float32"
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
@@ -114,10 +115,11 @@ class RunSchema:
     resume: Optional[str] = None
     lock: Optional[dict] = None  # {break: bool}: take over another host's run.lock (mistral_ft/lock.py)
     skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
+    preference: Optional[dict] = None  # task=dpo: loss_type, beta, ... (checked by tasks.preference.preference_settings)
 
 
 CHOICES = {
-    "task": ("causal_lm", "classification"),
+    "task": ("causal_lm", "classification", "dpo", "reward"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "peft.method": ("lora", "dora", "qlora", "none"),
@@ -396,11 +398,19 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
     if cfg["checkpoint"]["every_n_train_steps"] < 1:
         errors.append(_msg("checkpoint.every_n_train_steps", "must be >= 1", sources))
     data_format = cfg["data"].get("format", "messages")
-    causal = data_format in ("text", "alpaca", "messages")
-    if (cfg["task"] == "causal_lm") != causal:
+    takes = {"causal_lm": ("text", "alpaca", "messages"), "classification": ("classification", "regression"),
+             "dpo": ("preference",), "reward": ("preference",)}
+    if data_format not in takes.get(cfg["task"], (data_format,)):
         errors.append(_msg("data.format", f"{data_format!r} does not fit task {cfg['task']!r} (causal_lm takes "
-                                          "text/alpaca/messages, classification takes classification/regression)",
-                           sources))
+                                          "text/alpaca/messages, classification takes classification/regression, "
+                                          "dpo and reward take preference)", sources))
+    if cfg.get("preference") is not None and cfg["task"] == "dpo":
+        from mistral_ft.training.tasks.preference_loss import preference_settings
+
+        try:
+            preference_settings(cfg)
+        except ValueError as err:
+            errors.append(_msg(str(err).split(":", 1)[0], str(err).split(":", 1)[1].strip(), sources))
 
 
 # ---- secrets ------------------------------------------------------------------------------------

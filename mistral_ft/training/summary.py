@@ -119,7 +119,9 @@ def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, f
 def print_report(s: Mapping[str, Any]) -> None:
     p = s["paths"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl") if s.get(k) is not None)
+    metrics = ", ".join(f"{k}={fmt(s[k])}" for k in ("val_accuracy", "val_f1", "val_mse", "val_r2", "val_ppl",
+                                                       "val_reward_accuracy", "val_reward_margin", "val_margin")
+                        if s.get(k) is not None)
     lines = [
         f"Done: {s['global_step']} steps in {s['wall_s']:.1f}s; train loss {fmt(s['train_loss_first'])} -> "
         f"{fmt(s['train_loss_last'])}, val_loss {fmt(s['val_loss'])}" + (f", {metrics}" if metrics else ""),

@@ -4,7 +4,8 @@ Why subprocesses: Lightning starts rank 1 by replaying the command line, so a re
 `python -m mistral_ft.train ... trainer.devices=2` from a shell. The single-process reference runs
 in-process (`main(argv)`) with `data.batch_size` doubled: our sampler shards one seeded global order
 `rank::world`, so the two ranks' batches of 2 together are the single process's batch of 4, and the
-token-weighted loss of a step is the same number either way (fp32, dropout 0).
+token-weighted loss of a step is the same number either way (fp32, dropout 0). Multi-node (2 nodes x 1
+process on localhost, `-m slow`): torchrun, and scripts/slurm/multi_node.sbatch under a stand-in srun.
 """
 
 from __future__ import annotations
@@ -168,6 +169,25 @@ def test_bad_distributed_input_is_refused_with_what_to_use(overrides, says, tmp_
     assert not run.exists()  # refused before the run folder exists
 
 
+@pytest.mark.parametrize("env, ranks", [
+    ({}, (0, 0)),                                                               # one process
+    ({"LOCAL_RANK": "1"}, (1, 1)),                                              # Lightning's own child on one node
+    ({"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, (3, 1)),  # torchrun, second node
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NAME": "j"}, (3, 1)),  # srun
+])
+def test_launcher_ranks_are_global_and_local_before_lightning_starts(env, ranks, monkeypatch):
+    """Under srun no RANK/LOCAL_RANK exists yet: without SLURM_PROCID every task would write the run folder's
+    files and load onto cuda:0."""
+    from mistral_ft.distributed.checks import launcher_ranks
+
+    for k in list(os.environ):
+        if k.startswith("SLURM_") or k in ("MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert launcher_ranks() == ranks
+
+
 # ---- memory plan ------------------------------------------------------------------------------
 SEVEN_B = dict(total_params=7_241_732_096, hidden_size=4096, num_layers=32)
 
@@ -230,3 +250,99 @@ def test_fsdp_dora_and_full_finetuning_match_one_process(method, tmp_path):
     assert main([*COMMON, "trainer.devices=1", "data.batch_size=4", "checkpoint.save_adapter=false", *extra,
                  f"hydra.run.dir={single}"]) == 0
     torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(single)), rtol=1e-5, atol=0)
+
+
+# ---- two nodes of one process each, on localhost ---------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+NODE_ARGS = [*COMMON, "strategy=ddp", "data.batch_size=2"]  # 2 nodes x 1 process x 2 rows = the single run's 4
+
+
+def _free_port(lo: int = 1024, hi: int = 65535) -> int:
+    import random
+    import socket
+
+    for port in random.sample(range(lo, hi), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}..{hi}")
+
+
+def _launcher_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK", "TORCHELASTIC"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> list[str]:
+    """Both "nodes" run at once (each blocks in the rendezvous until the other joins); every one must succeed."""
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def _assert_matches_one_process(run: Path, single_run: Path) -> None:
+    summary = _summary(run)
+    assert summary["world_size"] == 2 and summary["global_step"] == STEPS
+    assert summary["tokens_seen"] == _summary(single_run)["tokens_seen"]  # each node trained on its own half
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(single_run)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_match_one_process_with_the_same_global_batch(single_run, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0/1 on localhost: Lightning's TorchElasticEnvironment, gloo."""
+    port, run = str(_free_port()), tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               f"--node-rank={r}", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "mistral_ft.train", *NODE_ARGS, "trainer.num_nodes=2", "trainer.devices=1",
+                               f"hydra.run.dir={run}"], cwd=tmp_path, env=_launcher_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = _wait_all(procs)
+    for r, out in enumerate(outs):  # node r held global rank r (a wrong node rank would hang or clash, not pass)
+        assert f"rank {r} of 2 (node {r}, local rank 0): TorchElasticEnvironment" in out, out[-3000:]
+    _assert_matches_one_process(run, single_run)
+
+
+# stands in for srun inside an allocation of SLURM_NNODES x SLURM_NTASKS_PER_NODE: one task per slot, each with
+# the per-task variables srun sets (sbatch already set SLURM_JOB_ID, SLURM_NNODES, SLURM_NODELIST, ...)
+FAKE_SRUN = """#!/bin/bash
+n=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE)); pids=()
+for ((r = 0; r < n; r++)); do
+  SLURM_NTASKS=$n SLURM_PROCID=$r SLURM_LOCALID=$((r % SLURM_NTASKS_PER_NODE)) \\
+  SLURM_NODEID=$((r / SLURM_NTASKS_PER_NODE)) SLURM_STEP_ID=0 "$@" &
+  pids+=($!)
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_slurm_two_nodes_through_the_sbatch_script_match_one_process(single_run, tmp_path):
+    """scripts/slurm/multi_node.sbatch itself, under the variables sbatch + srun set for --nodes=2 --ntasks-per-node=1.
+
+    No MASTER_ADDR/MASTER_PORT (srun sets neither): Lightning's SLURMEnvironment takes the address from
+    SLURM_NODELIST and the port from the job id (15000 + its last 4 digits), so the job id picks a free port.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    port, run = _free_port(15000, 25000), tmp_path / "run"
+    env = {**_launcher_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "VENV": str(Path(sys.executable).parents[1]),
+           "RUN_DIR": str(run), "SLURM_JOB_ID": f"77{port - 15000:04d}", "SLURM_JOB_NAME": "mistral_ft",
+           "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1", "SLURM_CPUS_PER_TASK": "1"}
+    out = _wait_all([subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "multi_node.sbatch"), *NODE_ARGS],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])[0]
+    for r in range(2):
+        assert f"rank {r} of 2 (node {r}, local rank 0): SLURMEnvironment" in out, out[-3000:]
+    _assert_matches_one_process(run, single_run)

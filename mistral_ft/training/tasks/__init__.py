@@ -3,10 +3,11 @@
 from mistral_ft.training.tasks.base import CheckpointMismatchError, FineTuneTask, lr_factor
 from mistral_ft.training.tasks.causal_lm import CausalLMTask, count_targets
 from mistral_ft.training.tasks.classification import ClassificationTask, classification_loss_sum
+from mistral_ft.training.tasks.preference import DPOTask, RewardTask
 
-TASKS = {"causal_lm": CausalLMTask, "classification": ClassificationTask}
+TASKS = {"causal_lm": CausalLMTask, "classification": ClassificationTask, "dpo": DPOTask, "reward": RewardTask}
 
 __all__ = [
-    "TASKS", "CausalLMTask", "CheckpointMismatchError", "ClassificationTask", "FineTuneTask",
+    "TASKS", "CausalLMTask", "DPOTask", "RewardTask", "CheckpointMismatchError", "ClassificationTask", "FineTuneTask",
     "classification_loss_sum", "count_targets", "lr_factor",
 ]

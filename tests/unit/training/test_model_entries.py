@@ -89,7 +89,7 @@ def test_entry_composes_with_every_recipe_and_the_memory_plan_prints(entry, reci
 
 def test_architecture_mismatch_is_a_clear_error(tmp_path):
     from mistral_ft.model import ConfigError
-    from conftest import tiny_config
+    from conftest import TINY, tiny_config
 
     c = compose_config(["recipe=instruct_lora", "model=nemo_12b"])
     config = tiny_config()
@@ -98,7 +98,7 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path):
         config.check_architecture(c["model"]["architecture"], "model=nemo_12b (x)")
     with pytest.raises(ConfigError, match="architecture key 'hidden' is not a config.json field"):
         config.check_architecture({"hidden": 1}, "here")
-    config.check_architecture({"hidden_size": 32, "rope_theta": 10000, "sliding_window": 5}, "here")  # equal: fine
+    config.check_architecture({"hidden_size": 32, "rope_theta": TINY["rope_theta"], "sliding_window": 5}, "here")  # equal: fine
 
 
 def test_training_refuses_a_path_that_is_not_the_entry(tmp_path, capsys):

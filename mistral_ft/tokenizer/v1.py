@@ -57,16 +57,16 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from mistral_ft.tokenizer.batching import DEFAULT_MODEL_MAX_LENGTH, BatchCalls
+from mistral_ft.tokenizer.common import MistralCommonTokenizer
+from mistral_ft.tokenizer.files import FOLDER_FILE_NAMES, ChatError, TokenizerKind, detect, find_in_folder
+
 __all__ = ["MistralTokenizer", "StreamDecoder", "check_token_ids", "default_tokenizer_file"]
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
-# Mistral-7B's max_position_embeddings; only the default cap for truncation=True without max_length.
-DEFAULT_MODEL_MAX_LENGTH = 32768
-
-_PADDING_SIDES = ("right", "left")
 _ROLES = ("system", "user", "assistant")
 
 # Piece kinds in the lookup table built once per tokenizer.
@@ -145,7 +145,7 @@ def _check_array(array: np.ndarray, vocab_size: int, where: str, prefix: tuple[i
     )
 
 
-class MistralTokenizer:
+class MistralTokenizer(BatchCalls):
     """Sentencepiece byte-fallback BPE with HF-style batch calls and the v1 ``[INST]`` chat format.
 
     Build with ``MistralTokenizer.from_pretrained(path_or_folder_or_None)``. See the module docstring
@@ -226,9 +226,16 @@ class MistralTokenizer:
         path: str | os.PathLike | None = None,
         padding_side: str | None = None,
         model_max_length: int | None = None,
-    ) -> MistralTokenizer:
-        """Load from a ``tokenizer.model`` file, a folder holding one, a hub id already in the local HF cache,
-        or ``None`` (the Mistral-7B-v0.1 tokenizer shipped in ``mistral_common``).
+    ) -> MistralTokenizer | MistralCommonTokenizer:
+        """The tokenizer of any Mistral version, from a file, a folder holding one, a hub id already in the
+        local HF cache, or ``None`` (the Mistral-7B-v0.1 tokenizer shipped in ``mistral_common``).
+
+        Files: ``tokenizer.model``, ``tokenizer.model.v1``..``v7``, ``tekken.json`` (a folder's is the first
+        of ``files.FOLDER_FILE_NAMES`` present). The version comes from the file's contents
+        (``files.detect``), never its name: v1 gives this class (our exact sentencepiece path), v2, v3, v7
+        and Tekken give a ``MistralCommonTokenizer`` with the same interface (mistral_common is the
+        engine of their chat format). An unreadable file or an unsupported Tekken version is a
+        ``TokenizerFileError`` naming the file.
 
         A folder's ``tokenizer_config.json`` (ours or a hub checkpoint's) supplies ``padding_side`` and
         ``model_max_length`` unless given here. Never downloads: a hub id must already be cached.
@@ -241,12 +248,13 @@ class MistralTokenizer:
             if candidate.is_file():
                 model_file = candidate
             elif candidate.is_dir():
-                model_file = candidate / TOKENIZER_FILE
-                if not model_file.is_file():
+                found = find_in_folder(candidate)
+                if found is None:
                     raise FileNotFoundError(
-                        f"tokenizer folder {str(candidate)!r} has no {TOKENIZER_FILE} "
-                        f"(found: {sorted(p.name for p in candidate.iterdir())[:20]})"
+                        f"tokenizer folder {str(candidate)!r} has no tokenizer file (looked for "
+                        f"{', '.join(FOLDER_FILE_NAMES)}; found: {sorted(p.name for p in candidate.iterdir())[:20]})"
                     )
+                model_file = found
                 config_file = candidate / TOKENIZER_CONFIG_FILE
                 if config_file.is_file():
                     config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -256,7 +264,13 @@ class MistralTokenizer:
             padding_side = config.get("padding_side") or "right"
         if model_max_length is None:
             model_max_length = config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH
+        kind = detect(Path(model_file))
+        if kind.name != "v1":
+            return MistralCommonTokenizer(model_file, kind, padding_side=padding_side,
+                                          model_max_length=int(model_max_length))
         return cls(model_file, padding_side=padding_side, model_max_length=int(model_max_length))
+
+    kind = TokenizerKind("sentencepiece", "v1")
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the model bytes (DataLoader workers under spawn receive a pickled tokenizer)."""
@@ -279,28 +293,6 @@ class MistralTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
-
-    @property
-    def padding_side(self) -> str:
-        """Where ``__call__`` pads: "right" (training) or "left" (batched generation)."""
-        return self._padding_side
-
-    @padding_side.setter
-    def padding_side(self, value: str) -> None:
-        if value not in _PADDING_SIDES:
-            raise ValueError(f"padding_side must be one of {_PADDING_SIDES}, got {value!r}")
-        self._padding_side = value
-
-    @property
-    def model_max_length(self) -> int:
-        """Cap used by ``truncation=True`` when no ``max_length`` is given."""
-        return self._model_max_length
-
-    @model_max_length.setter
-    def model_max_length(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"model_max_length must be a positive int, got {value!r}")
-        self._model_max_length = value
 
     def id_to_piece(self, token_id: int) -> str:
         """The sentencepiece piece of an id (``▁Hello``, ``<0x0A>``, ``</s>``): for debugging and tests."""
@@ -334,89 +326,6 @@ class MistralTokenizer:
         tail = [self.eos_token_id] if add_eos else []
         return [head + ids + tail for ids in batch]
 
-    def __call__(
-        self,
-        texts_or_text: str | Sequence[str],
-        return_tensors: str | None = None,
-        padding: bool | str = False,
-        truncation: bool = False,
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-    ) -> dict[str, Any]:
-        """HF-style encode: ``{"input_ids", "attention_mask"}`` as lists or, with ``return_tensors="pt"``, LongTensors.
-
-        A single string gives flat lists (or a (1, T) tensor), a list gives one row per text, as in
-        transformers. ``padding``: False/"do_not_pad", True/"longest", "max_length" (needs ``max_length``);
-        pad id 0 on ``self.padding_side``. ``truncation=True`` keeps the first ``max_length`` (default
-        ``model_max_length``) tokens, special tokens included (BOS kept, EOS kept when added).
-        """
-        single = isinstance(texts_or_text, str)
-        texts = [texts_or_text] if single else texts_or_text
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            bad = type(texts).__name__ if not isinstance(texts, Sequence) else next(
-                f"texts[{i}] is {type(t).__name__}" for i, t in enumerate(texts) if not isinstance(t, str)
-            )
-            raise TypeError(f"tokenizer call: texts_or_text must be a str or a list of str ({bad})")
-        if len(texts) == 0:
-            raise ValueError("tokenizer call: texts_or_text is an empty list")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
-        if padding is True:
-            padding = "longest"
-        elif padding is False or padding is None:
-            padding = "do_not_pad"
-        if padding not in ("do_not_pad", "longest", "max_length"):
-            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-        bad_max_length = isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0
-        if max_length is not None and bad_max_length:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError("padding='max_length' needs max_length (got None)")
-        if truncation not in (True, False):
-            raise ValueError(f"truncation must be True or False, got {truncation!r}")
-
-        add_bos = add_special_tokens and self.add_bos_token
-        add_eos = add_special_tokens and self.add_eos_token
-        rows = self.encode_batch(list(texts), add_bos=False, add_eos=False)
-        if truncation:
-            limit = max_length if max_length is not None else self.model_max_length
-            budget = limit - int(add_bos) - int(add_eos)
-            if budget < 0:
-                raise ValueError(f"max_length={limit} leaves no room for the special tokens")
-            rows = [row[:budget] for row in rows]
-        head = [self.bos_token_id] if add_bos else []
-        tail = [self.eos_token_id] if add_eos else []
-        rows = [head + row + tail for row in rows]
-        masks = [[1] * len(row) for row in rows]
-
-        if padding != "do_not_pad":
-            target = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
-            for index, row in enumerate(rows):
-                missing = target - len(row)
-                if missing <= 0:
-                    continue
-                pads = [self.pad_token_id] * missing
-                zeros = [0] * missing
-                if self.padding_side == "right":
-                    rows[index], masks[index] = row + pads, masks[index] + zeros
-                else:
-                    rows[index], masks[index] = pads + row, zeros + masks[index]
-
-        if return_tensors == "pt":
-            lengths = {len(row) for row in rows}
-            if len(lengths) > 1:
-                raise ValueError(
-                    f"return_tensors='pt' needs equal lengths, got lengths {sorted(lengths)}: "
-                    "pass padding=True (or truncation=True with padding='max_length')"
-                )
-            return {
-                "input_ids": torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1),
-                "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(len(rows), -1),
-            }
-        if single:
-            return {"input_ids": rows[0], "attention_mask": masks[0]}
-        return {"input_ids": rows, "attention_mask": masks}
-
     # ------------------------------------------------------------------ decode
 
     def _check_id(self, token_id: Any, where: str, position: int | None = None) -> int:
@@ -439,35 +348,17 @@ class MistralTokenizer:
         parts.append(decoder.flush())
         return "".join(parts)
 
-    def batch_decode(
-        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
-    ) -> list[str]:
-        """``decode`` per row of a list of lists or a 2-D tensor."""
-        if isinstance(batch, (torch.Tensor, np.ndarray)):
-            if batch.ndim != 2:
-                raise ValueError(f"batch_decode: batch must be 2-D, got shape {tuple(batch.shape)}")
-            batch = batch.tolist()
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
-
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """A fresh ``StreamDecoder`` (one per generated sequence)."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    def decode_stream(self, ids: Iterable[int], skip_special_tokens: bool = True) -> Iterator[str]:
-        """Yield non-empty text pieces as ``ids`` arrive; their ``"".join`` is ``decode(ids, skip_special_tokens)``."""
-        decoder = StreamDecoder(self, skip_special_tokens=skip_special_tokens)
-        for token_id in ids:
-            text = decoder.put(token_id)
-            if text:
-                yield text
-        text = decoder.flush()
-        if text:
-            yield text
-
     # ------------------------------------------------------------------ chat (v1 [INST] format)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation in the v1 ``[INST]`` format, and the loss mask.
 
@@ -479,6 +370,11 @@ class MistralTokenizer:
         each assistant answer and its EOS, except for answers with ``weight`` 0 (kept as context only).
         Extra keys in a message are ignored (``datasets`` adds missing fields as None).
         """
+        if tools:
+            raise ChatError(
+                f"tokenizer {str(self.model_file)!r} is v1, which has no tool format; tools need a tokenizer of "
+                "version v3, v7 or Tekken (e.g. Mistral-7B-Instruct-v0.3's tokenizer.model.v3)"
+            )
         system, turns = _validate_messages(messages)
         if add_generation_prompt and turns[-1][0] != "user":
             raise ValueError(
@@ -699,16 +595,20 @@ def _from_hub_cache(repo_id: str) -> tuple[Path, dict[str, Any]]:
     from huggingface_hub import try_to_load_from_cache
 
     error = FileNotFoundError(
-        f"tokenizer path {repo_id!r} is neither a file nor a folder, and no {TOKENIZER_FILE} for a hub repo of that "
+        f"tokenizer path {repo_id!r} is neither a file nor a folder, and no tokenizer file for a hub repo of that "
         "name is in the local Hugging Face cache (downloads are never attempted here; download the repo first, "
         "or pass a local path)"
     )
     if repo_id.count("/") != 1:
         raise error
-    try:
-        cached = try_to_load_from_cache(repo_id, TOKENIZER_FILE)
-    except Exception:  # invalid repo id syntax
-        raise error from None
+    cached = None
+    for name in FOLDER_FILE_NAMES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+        except Exception:  # invalid repo id syntax
+            raise error from None
+        if isinstance(cached, str):
+            break
     if not isinstance(cached, str):
         raise error
     config: dict[str, Any] = {}
