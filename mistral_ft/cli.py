@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 from mistral_ft.errors import UserError
+from mistral_ft.masking import mask_text
 
 DEBUG_ENV = "MISTRAL_FT_DEBUG"
 
@@ -47,13 +48,13 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
         known = classify(err)
         if known is not None:
             message, status = known
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {mask_text(message)}", file=sys.stderr)  # secrets masked in every message
             return status
         if raise_unknown:
             raise
         if on_failure is not None:
             on_failure()
-        print(f"error: {what} failed: {type(err).__name__}: {err}{failure_hint}", file=sys.stderr)
+        print(f"error: {what} failed: {type(err).__name__}: {mask_text(str(err))}{failure_hint}", file=sys.stderr)
         return 1
 
 

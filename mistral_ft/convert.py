@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_position_embeddings", type=int, default=None,
                    help="context length for config.json when params.json has no max_seq_len (releases since "
                         "7B-v0.3 have none: 32768 for 7B-v0.3/Small-24B/Codestral, 1024000 for Nemo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir (after the new one is complete)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
 
     def body() -> int:
         out = convert_checkpoint(args.input_dir, args.output_dir, args.model_size, args.dtype, args.max_shard_size,
-                                 args.max_position_embeddings)
+                                 args.max_position_embeddings, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
 

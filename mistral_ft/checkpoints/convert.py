@@ -301,13 +301,15 @@ def _tokenizer_ids(tok_file: Path) -> tuple[int, int, int, int]:
 
 def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, model_size: str | None = None,
                        dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                       max_position_embeddings: int | None = None) -> Path:
+                       max_position_embeddings: int | None = None, overwrite: bool = False) -> Path:
     """Convert an original Mistral folder into an HF folder our ``from_pretrained`` (and transformers) load.
 
     Writes model safetensors (+ index when sharded), config.json, generation_config.json and the tokenizer
     file under its own name (``tokenizer.model`` also gets the v1 tokenizer files our tokenizer writes).
     ``dtype`` None keeps the checkpoint's dtype (bfloat16 for the releases). The folder appears whole or not at
-    all: everything is written to a temporary sibling first.
+    all: everything is written to a temporary sibling first, renamed to ``output_dir`` at the end. A non-empty
+    ``output_dir`` is refused before anything is read unless ``overwrite`` (then the old folder is replaced
+    whole, after the new one is complete: a failed conversion leaves it as it was).
     """
     import shutil
     import tempfile
@@ -315,6 +317,9 @@ def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLi
     from mistral_ft.model.modeling import MistralForCausalLM
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"--output_dir {output_dir}: already exists and is not empty; nothing was written "
+                              "(choose a new folder, or pass --overwrite to replace it)")
     if not input_dir.is_dir():
         raise ConversionError(f"--input_dir {input_dir}: no such folder")
     weights = find_weights(input_dir)
@@ -357,12 +362,26 @@ def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLi
             MistralTokenizer.from_pretrained(tok_file).save_pretrained(tmp / "out")
         else:
             shutil.copyfile(tok_file, tmp / "out" / tok_file.name)  # as it came: its name says its version
-        output_dir.mkdir(exist_ok=True)
-        for f in (tmp / "out").iterdir():
-            os.replace(f, output_dir / f.name)
+        _share_folder(tmp / "out")
+        if output_dir.is_dir() and any(output_dir.iterdir()):  # --overwrite: move the old folder aside first
+            os.rename(output_dir, tmp / "old")
+        elif output_dir.exists():
+            output_dir.rmdir() if output_dir.is_dir() else output_dir.unlink()
+        try:
+            os.rename(tmp / "out", output_dir)
+        except OSError as err:  # another process filled output_dir meanwhile: keep its files
+            raise ConversionError(f"--output_dir {output_dir}: filled by another process while converting "
+                                  f"({err.strerror or err}); this conversion's files were discarded") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def _share_folder(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder: give the published one the usual permissions (umask applies)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
 
 
 def mha_to_gqa(weights: dict[str, torch.Tensor] | torch.Tensor, num_heads: int, num_kv_heads: int

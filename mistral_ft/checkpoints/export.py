@@ -23,6 +23,7 @@ with peft) or with the trained weights, printing the largest difference.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -189,6 +190,10 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
            check: bool = True, tolerance: Optional[float] = None, max_shard_size: int = 2 * 10**9) -> dict[str, Any]:
     """Write OUT/merged (+ OUT/adapter for peft runs) from a run folder or checkpoint; returns a report."""
     t0 = time.perf_counter()
+    if tolerance is not None and not (math.isfinite(float(tolerance)) and float(tolerance) > 0):
+        raise ExportError(f"tolerance={tolerance}: must be a finite number > 0 (a NaN would turn the self-check off)")
+    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ExportError(f"max_shard_size={max_shard_size}: must be a whole number of bytes > 0")
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output_dir={output_dir} already exists and is not empty; nothing was written "
@@ -244,9 +249,13 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
                 raise ExportError(f"self-check failed: the merged model's logits differ from base + adapter by {diff:.3g} "
                                   f"(relative {diff / scale:.3g} > tolerance {tol:g}); nothing was written")
         _share(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above); a folder that appeared meanwhile makes rmdir fail, not overwrite
-        os.rename(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty (checked above); a folder filled meanwhile makes rmdir fail, not overwrite
+            os.rename(tmp, out)
+        except OSError as err:  # another export (or anything) published into OUT while this one ran
+            raise ExportError(f"output_dir={output_dir} was filled by another process while this export ran "
+                              f"({err.strerror or err}); its files were kept and this export's were discarded") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 2)

@@ -19,7 +19,7 @@ from mistral_ft.data.dataset import DataInfo, TokenDataset, build_datasets
 from mistral_ft.data.errors import DataError
 from mistral_ft.data.formats import ChatTokenizer
 from mistral_ft.data.preference import PairCollator, PairDataset, build_pair_datasets
-from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler
+from mistral_ft.data.sampler import ResumableDataLoader, ResumableSampler, loader_generator
 
 TASKS = ("causal_lm", "classification", "dpo", "reward")  # dpo / reward take format "preference"
 
@@ -119,6 +119,7 @@ class MistralDataModule(L.LightningDataModule):
             self.val_dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
+            generator=loader_generator(self.cfg.seed),
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -93,7 +93,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
     text = _read_utf8(path)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array: walk it element by element to keep line numbers
-        decoder = json.JSONDecoder()
+        decoder = _DECODER
         pos = len(text) - len(stripped) + 1
         while True:
             while pos < len(text) and text[pos] in " \t\r\n,":
@@ -109,14 +109,43 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
             except json.JSONDecodeError as err:
                 yield err.lineno, None, f"malformed JSON: {err.msg} (column {err.colno})"
                 return  # cannot resynchronise inside a broken array
+            except _DuplicateKey as err:
+                yield line, None, str(err)
+                return  # the decoder stopped inside this element: its end is unknown
+            except RecursionError:
+                yield line, None, _TOO_DEEP
+                return
             yield line, obj, None
     for i, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            yield i, json.loads(raw), None
+            obj = _DECODER.decode(raw)
         except json.JSONDecodeError as err:
             yield i, None, f"malformed JSON: {err.msg} (column {err.colno})"
+        except _DuplicateKey as err:
+            yield i, None, str(err)
+        except RecursionError:
+            yield i, None, _TOO_DEEP
+        else:
+            yield i, obj, None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object with the same key twice: json.loads would keep the later value silently."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r} in one JSON object (the later value would silently win)")
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+_TOO_DEEP = "malformed JSON: nested deeper than the parser's recursion limit"
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:

@@ -22,6 +22,13 @@ entries 6-7, exactly the 4th batch of the uninterrupted run.
 The sampler subclasses `DistributedSampler`, so Lightning does not replace it with its own under
 DDP/FSDP (it only injects one when the sampler is not a DistributedSampler); we shard ourselves
 the way DistributedSampler does (pad by repeating the start, then rank::world).
+
+Random streams: a DataLoader draws its workers' base seed at every `iter()`, from the global torch
+generator unless it has its own. That draw would shift the global stream (dropout masks) by one at each
+epoch start in an uninterrupted run but not in one resumed mid-epoch, so `ResumableDataLoader` owns a
+generator reseeded with `seed + epoch` at each `iter()`: worker seeds are a function of (seed, epoch)
+(Lightning's worker_init_fn adds worker id and rank), and training's global streams are only drawn by
+the model. `loader_generator` gives the evaluation loaders the same independence.
 """
 
 from __future__ import annotations
@@ -118,6 +125,7 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, *args, **kwargs)
         self._yielded = 0  # samples of this rank handed out in the current epoch
         self._epoch_of_count = 0
@@ -130,6 +138,8 @@ class ResumableDataLoader(DataLoader):
         start = sampler._skip[1] if sampler._skip is not None and sampler._skip[0] == sampler.epoch else 0
         self._epoch_of_count = sampler.epoch
         self._yielded = start
+        if self.generator is not None:  # worker seeds from (seed, epoch), never from the global stream
+            self.generator.manual_seed(sampler.seed + sampler.epoch)
         for batch in super().__iter__():
             self._yielded += _batch_len(batch)
             yield batch
@@ -163,6 +173,11 @@ class ResumableDataLoader(DataLoader):
         sampler.skip_next(int(state["epoch"]), int(state["samples"]))
         self._epoch_of_count = int(state["epoch"])
         self._yielded = int(state["samples"])
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A generator for an evaluation DataLoader, so its `iter()` does not draw from the global stream."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _batch_len(batch: Any) -> int:

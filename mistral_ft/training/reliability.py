@@ -10,6 +10,13 @@ Why each piece exists
   old complete file or the new complete file, never a torn one. `last.ckpt` goes through the same path.
 * `resume=auto` makes a requeued job's command line idempotent: the same command starts fresh the
   first time and continues from the newest *complete* checkpoint afterwards (`newest_checkpoint`).
+* Resume is exact with dropout on because checkpoints carry every random state training draws from
+  (`RngStates`): torch CPU, CUDA per device, Python `random` and numpy, one entry per rank. They are
+  captured when the checkpoint is written (after optimizer step N) and put back just before the first
+  training batch after the restore, i.e. at the same point of the random streams where the uninterrupted
+  run drew step N+1's dropout masks. Nothing else may draw from the global streams between two training
+  batches: the DataLoaders therefore carry their own generators (worker seeds from seed and epoch, see
+  data/sampler.py), and the sampler's order is a pure function of (seed, epoch) plus the saved position.
 * A NaN/inf step would silently poison the weights (AdamW spreads it to every parameter it touches)
   and every later checkpoint. `check_nonfinite` stops before the optimizer step (so no checkpoint is
   written after the bad step) or, with `skip_nonfinite=true`, drops that step's gradients.
@@ -28,12 +35,15 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mistral_ft.errors import TrainingStopped
@@ -86,6 +96,73 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         return read_checkpoint(Path(path), map_location=map_location)
+
+
+# ---- random states -----------------------------------------------------------------------------------
+def capture_rng_states() -> dict[str, Any]:
+    """This process's random states as tensors and plain containers (readable with weights_only=True)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Put back what `capture_rng_states` returned (CUDA only when this process has CUDA devices)."""
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        if len(states["cuda"]) != torch.cuda.device_count():
+            raise ValueError(f"cannot resume the random state: the checkpoint saved {len(states['cuda'])} CUDA "
+                             f"device state(s) on this rank, this process sees {torch.cuda.device_count()}")
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RngStates(Callback):
+    """Saves every rank's random states in each checkpoint and restores them at the first batch after resume.
+
+    `state_dict` runs on every rank while a checkpoint is dumped (Lightning calls it on all ranks before
+    rank 0 writes), so under DDP/FSDP the states are gathered there: entry r belongs to rank r.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Any]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = capture_rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            return {"ranks": ranks}
+        return {"ranks": [mine]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks") or []
+        world, rank = ((dist.get_world_size(), dist.get_rank())
+                       if dist.is_available() and dist.is_initialized() else (1, 0))
+        if len(ranks) != world:
+            raise ValueError(f"cannot resume the random state: the checkpoint holds {len(ranks)} rank(s), "
+                             f"this run has {world} (resume with the same number of processes)")
+        self._pending = ranks[rank]
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            restore_rng_states(self._pending)
+            self._pending = None
+
 
 
 # ---- resume=auto -------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
 from mistral_ft.training.registry import build, resolve_precision
-from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice
+from mistral_ft.lock import FolderLock
+from mistral_ft.masking import mask_log_handlers
+from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
 from mistral_ft.training.evaluation import GenerationEval, load_references
 from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
@@ -45,13 +47,26 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     `cfg` is the composed config (DictConfig or plain dict, no `hydra` node); `overrides` and
     `choices` are only recorded (overrides.yaml) and used to point error messages at files.
     """
+    mask_log_handlers()  # Hydra has configured logging by now: no secret value reaches train.log or the console
+    c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
+    validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
+    run_dir = Path(run_dir).resolve()
+    lock_cfg = c.get("lock") or {}
+    if set(lock_cfg) - {"break"} or not isinstance(lock_cfg.get("break", False), bool):
+        raise ConfigError(f"lock: takes only break=true|false, got {lock_cfg!r}")
+    rank, _ = launcher_ranks()
+    if rank != 0:  # rank 0 holds the run folder's lock for the whole job
+        return _run_training(c, run_dir, overrides, choices)
+    with FolderLock(run_dir, what="training", force=bool(lock_cfg.get("break", False))):
+        return _run_training(c, run_dir, overrides, choices)
+
+
+def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
+                  choices: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     t_wall = time.perf_counter()
     import lightning as L
     import torch
 
-    c = to_plain(cfg) if not isinstance(cfg, dict) else cfg
-    validate_config(c, Sources(conf_dir=config_dir(), choices=choices or {}, overrides=overrides))
-    run_dir = Path(run_dir).resolve()
     ckpt_dir = run_dir / "checkpoints"
     resume_ckpt = c.get("resume")
     rank, local_rank = launcher_ranks()
@@ -96,10 +111,9 @@ def run_training(cfg: Any, run_dir: Path, overrides: Sequence[str] = (), choices
     module = TASKS[task](model, hparams)
     module.generation_eval = generation_eval
 
-    if rank == 0:  # the run folder's descriptive files, written only now that data and model loaded
+    trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
+    if rank == 0:  # the run folder's descriptive files, written only now that data, model and trainer are built
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
-
-    trainer = build_trainer(c, run_dir, precision)
     if trainer.world_size > 1:  # which launcher Lightning found: the line to read when a multi-node job hangs
         env = getattr(trainer.strategy, "cluster_environment", None)
         log.info("rank %d of %d (node %d, local rank %d): %s", trainer.global_rank, trainer.world_size,
@@ -134,7 +148,7 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     # a final validation unless the last one was at the final step
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    tokens = module.total_tokens_seen()
+    tokens, targets = module.total_tokens_seen(), module.total_targets_seen()
     # strategy=fsdp: the trainable weights as full tensors (a collective: every rank takes part)
     gathered = gather_trainable(module.model) if is_sharded(module.model) else None
     if not trainer.is_global_zero:
@@ -145,7 +159,7 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     else:
         atomic_copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
     exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
-    summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, wall_s=time.perf_counter() - t_wall,
+    summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, targets=targets, wall_s=time.perf_counter() - t_wall,
                             trainable=trainable, total=total, exported=exported)
     print_report(summary)
     return summary
@@ -194,9 +208,17 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     )
     # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
     plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
-    return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
-                     logger=build("logger", c["logger"], run_dir),
-                     callbacks=[checkpoint, *hook_callbacks()], plugins=plugins, default_root_dir=str(run_dir))
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
+        return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
+                         logger=build("logger", c["logger"], run_dir),
+                         callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins,
+                         default_root_dir=str(run_dir))
+    except (ValueError, MisconfigurationException) as err:
+        raise ConfigError(f"trainer: {err} (trainer.accelerator={trainer_args.get('accelerator')!r}, "
+                          f"trainer.precision={trainer_args.get('precision')!r}, "
+                          f"trainer.devices={trainer_args.get('devices')!r})") from err
 
 
 def build_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) -> Any:

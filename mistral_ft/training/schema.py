@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any, Optional, Union
 
 
 from mistral_ft.errors import ConfigError
+from mistral_ft.masking import MASK, is_secret_key
 from mistral_ft.training.registry import LOGGERS, STRATEGIES
 
 
@@ -130,6 +132,7 @@ class RunSchema:
     debug: bool = False
     resume: Optional[str] = None
     eval: EvalSchema = dataclasses.field(default_factory=EvalSchema)
+    lock: Optional[dict] = None  # {break: bool}: take over another host's run.lock (mistral_ft/lock.py)
     skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
     preference: Optional[dict] = None  # task=dpo: loss_type, beta, ... (checked by tasks.preference.preference_settings)
 
@@ -150,7 +153,6 @@ CHOICES = {
 MANAGED_TRAINER_KEYS = ("logger", "callbacks", "strategy", "default_root_dir", "enable_checkpointing", "plugins")
 # Loader sizes live in the data group next to the pipeline's own keys.
 DATA_LOADER_KEYS = {"batch_size": int, "eval_batch_size": Optional[int]}
-SECRET_PATTERN = re.compile(r"(api_?key|token|password|secret)", re.IGNORECASE)
 
 
 # ---- locating where a key was set ---------------------------------------------------------------
@@ -245,6 +247,9 @@ def validate_config(cfg: Mapping[str, Any], sources: Optional[Sources] = None) -
         value = _get(cfg, dotted)
         if value is not _MISSING and value not in allowed:
             errors.append(_msg(dotted, f"{value!r} is not one of {list(allowed)}", sources))
+    for dotted, value in _numbers(cfg, ""):  # NaN passes every `<`/`>` range check (False both ways)
+        if not math.isfinite(value):
+            errors.append(_msg(dotted, f"{value!r} is not a finite number", sources))
     if not errors:
         _check_values(cfg, errors, sources)
     if errors:
@@ -253,6 +258,15 @@ def validate_config(cfg: Mapping[str, Any], sources: Optional[Sources] = None) -
 
 
 _MISSING = object()
+
+
+def _numbers(node: Any, prefix: str) -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the config (no config value is legitimately NaN or inf)."""
+    if isinstance(node, Mapping):
+        return [kv for k, v in node.items() for kv in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -433,24 +447,13 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
 def mask_secret(override: str) -> str:
     """`logger.api_key=abc` -> `logger.api_key=***`: error messages end up in logs and CI output."""
     key, sep, _ = override.partition("=")
-    if sep and not strip_secrets({key.lstrip("+~").rsplit(".", 1)[-1]: 1}):
-        return f"{key}=***"
-    return override
+    return f"{key}={MASK}" if sep and is_secret_key(key) else override
 
 
 def strip_secrets(node: Any) -> Any:
-    """A copy without keys that look like credentials (api_key, token, password, secret).
-
-    Token *counts* are not secrets: keys ending in `tokens`/`_tokens` or naming a tokenizer are kept.
-    """
+    """A copy without keys that hold secrets (`masking.is_secret_key`: whole words, so token counts stay)."""
     if isinstance(node, Mapping):
-        out = {}
-        for key, value in node.items():
-            k = str(key)
-            if SECRET_PATTERN.search(k) and not re.search(r"(tokens$|tokenizer|_tokens_|token_id)", k, re.IGNORECASE):
-                continue
-            out[key] = strip_secrets(value)
-        return out
+        return {key: strip_secrets(value) for key, value in node.items() if not is_secret_key(str(key))}
     if isinstance(node, list):
         return [strip_secrets(v) for v in node]
     return node

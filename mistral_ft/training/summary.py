@@ -31,10 +31,17 @@ def peak_memory_mb() -> tuple[float, str]:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "cpu_peak_rss"
 
 
-def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any], info: Any, *, recipe: Optional[str], tokens: int,
+def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any], info: Any, *, recipe: Optional[str], tokens: int, targets: int,
                   wall_s: float, trainable: int, total: int, exported: Optional[str]) -> dict[str, Any]:
-    """summary.json + loss_curve.png; train_loss_first/last are means of the first/last 5 logged steps."""
+    """summary.json + loss_curve.png.
+
+    train_loss_first/last: means of the first/last k logged steps, k = min(5, steps // 2) (at least 1), so
+    the two windows never overlap on a short run (with k = 5 a 6-step run's two means shared 4 steps).
+    tokens_seen/tokens_per_s count *input* tokens (non-pad, prompt included); target_tokens_seen /
+    target_tokens_per_s count the useful tokens, those with a loss (the benchmark's `tokens_per_s`).
+    """
     losses = [v for _, v in module.loss_history]
+    k = max(1, min(5, len(losses) // 2))
     val = module.val_history[-1] if module.val_history else {}
     mem, mem_kind = peak_memory_mb()
     ckpts = sorted(str(p) for p in (run_dir / "checkpoints").glob("*.ckpt"))
@@ -48,12 +55,14 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
         "model": c["model"].get("path") or "tiny",
         "peft": c["peft"]["method"],
         "global_step": int(trainer.global_step),
-        "train_loss_first": _mean(losses[:5]),
-        "train_loss_last": _mean(losses[-5:]),
+        "train_loss_first": _mean(losses[:k]),
+        "train_loss_last": _mean(losses[-k:]),
         "val_loss": val.get("val_loss"),
         **{k: v for k, v in val.items() if k not in ("step", "val_loss")},
         "tokens_seen": int(tokens),
         "tokens_per_s": float(tokens / train_time) if train_time > 0 else None,
+        "target_tokens_seen": int(targets),
+        "target_tokens_per_s": float(targets / train_time) if train_time > 0 else None,
         "train_time_s": float(train_time),
         # generation eval cost (inside validation, so never part of train_time_s)
         "eval_time_s": float(gen.time_s) if gen is not None else None,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mistral_ft import convert as convert_cli
 from mistral_ft import export as export_cli
 from mistral_ft import generate as generate_cli
 from mistral_ft import train as train_cli
@@ -28,7 +29,7 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 INSTRUCT = ["recipe=instruct_lora", "model=tiny", "data.validation_file=null", *QUIET]
 CLASSIFY = ["recipe=classify", "model=tiny", "data.validation_file=null", *QUIET]
 TOOLS: dict[str, Callable] = {"train": train_cli.main, "validate": validate_cli.main, "generate": generate_cli.main,
-                              "export": export_cli.main}
+                              "export": export_cli.main, "convert": convert_cli.main}
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +275,36 @@ CASES: dict[str, Callable] = {
     "export_torn_checkpoint": _export_case(_export_torn_checkpoint, []),
     "export_missing_base": _export_case(_export_moved_base, []),
 }
+
+
+def _convert_into_non_empty(tmp, ctx):
+    out = tmp / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    return "convert", ["--input_dir", str(tmp / "nope"), "--output_dir", str(out)], \
+        [f"--output_dir {out}", "not empty", "--overwrite"], [out]
+
+
+# issue 13: values only libraries checked, JSON the parser chokes on, secrets, the converter, numeric options
+CASES.update({
+    "config_lr_nan": config_case([*INSTRUCT, "optimizer.lr=nan"], "optimizer.lr", "not a finite number"),
+    "config_weight_decay_inf": config_case([*INSTRUCT, "optimizer.weight_decay=inf"], "optimizer.weight_decay", "finite"),
+    "config_accelerator": config_case([*INSTRUCT, "trainer.accelerator=warp_drive"], "warp_drive", "trainer.accelerator"),
+    "config_precision": config_case([*INSTRUCT, "trainer.precision=13-mixed"], "13-mixed"),
+    "config_lock_break_not_bool": config_case([*INSTRUCT, "lock.break=maybe"], "lock"),
+    "config_secret_access_key": config_case([*INSTRUCT, "+logger.access_key=AKIAVALUE"], "logger.access_key=***"),
+    "config_secret_credentials": config_case([*INSTRUCT, "+logger.credentials=hunter2"], "logger.credentials=***"),
+    "config_secret_hf_auth": config_case([*INSTRUCT, "+data.hf_auth=hf_value"], "data.hf_auth=***"),
+    "jsonl_duplicate_key": data_case([GOOD_CHAT, '{"messages": [], "messages": []}'], 2, "duplicate key 'messages'"),
+    "jsonl_too_deep": data_case([GOOD_CHAT, '{"messages": ' + "[" * 100000 + "]" * 100000 + "}"], 2, "nested deeper"),
+    "export_tolerance_nan": _export_case(lambda run, tmp: ([f"run_dir={run}", f"output_dir={tmp / 'out'}",
+                                                            "tolerance=nan"], []), ["tolerance=nan", "finite"]),
+    "export_tolerance_negative": _export_case(lambda run, tmp: ([f"run_dir={run}", f"output_dir={tmp / 'out'}",
+                                                                 "tolerance=-1"], []), ["tolerance=-1"]),
+    "convert_missing_input": lambda tmp, ctx: ("convert", ["--input_dir", str(tmp / "nope"), "--output_dir",
+                                                           str(tmp / "out")], ["--input_dir", "no such folder"], [tmp / "out"]),
+    "convert_non_empty_output": _convert_into_non_empty,
+})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -360,3 +360,32 @@ def test_adamw8bit_tracks_adamw_on_cpu():
         o2.step()
     assert o2.state[p2]["state1"].dtype == torch.uint8
     assert ((p1 - p2).norm() / (p1 - w0).norm()).item() < 0.05  # measured 0.013
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_export_refuses_a_tolerance_that_is_not_finite_and_positive(tmp_path, capsys, value):
+    out = tmp_path / "out"
+    assert export_main([f"run_dir={tmp_path}", f"output_dir={out}", f"tolerance={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"tolerance={value}" in err and "finite number > 0" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_export_that_loses_the_race_for_its_output_folder_exits_2(runs, tmp_path, capsys, monkeypatch):
+    """Another export publishes into OUT while this one runs: exit 2 naming OUT, the winner's files kept."""
+    from mistral_ft.checkpoints import export as export_mod
+
+    out = tmp_path / "out"
+    real = export_mod._share
+
+    def winner_publishes_first(tmp):  # runs just before this export's rename
+        real(tmp)
+        out.mkdir()
+        (out / "winner.txt").write_text("kept")
+
+    monkeypatch.setattr(export_mod, "_share", winner_publishes_first)
+    assert export_main([f"run_dir={runs['lora']}", f"output_dir={out}", "check=false"]) == 2
+    err = capsys.readouterr().err
+    assert "was filled by another process" in err and str(out.name) in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["winner.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

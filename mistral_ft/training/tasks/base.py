@@ -82,6 +82,8 @@ class FineTuneTask(L.LightningModule):
         self.nonfinite_skips: list[dict[str, Any]] = []  # steps dropped with skip_nonfinite=true
         self.tokens_seen = 0  # non-pad tokens trained on by this rank since this process started
         self.tokens_before = 0  # all ranks' tokens of earlier (resumed-from) segments
+        self.targets_seen = 0  # useful tokens (the ones with a loss: labels != -100) of this rank
+        self.targets_before = 0  # all ranks' useful tokens of earlier segments
         self.train_time_s = 0.0  # training wall time without validation, over all resumed segments
         self._t_start: Optional[float] = None
         self._t_val: Optional[float] = None
@@ -124,6 +126,7 @@ class FineTuneTask(L.LightningModule):
             mask = batch.get("attention_mask")
             n_tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         self.tokens_seen += int(n_tokens)
+        self.targets_seen += int(n_targets)  # a host int (the collator counts targets): no sync
         return loss_sum / self._norm
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -244,6 +247,7 @@ class FineTuneTask(L.LightningModule):
             "val_history": [dict(v) for v in self.val_history],
             "nonfinite_skips": [dict(v) for v in self.nonfinite_skips],
             "tokens_seen": self.total_tokens_seen(),
+            "targets_seen": self.total_targets_seen(),
             "train_time_s": float(self.train_time_s + (time.perf_counter() - self._t_start if self._t_start else 0.0)),
             "trainable_keys": sorted(keep),
         }
@@ -252,6 +256,11 @@ class FineTuneTask(L.LightningModule):
         """Tokens trained on over all ranks and resumed segments (collective: call on every rank)."""
         local = torch.tensor(float(self.tokens_seen), device=self.device)
         return self.tokens_before + int(self.trainer.strategy.reduce(local, reduce_op="sum"))
+
+    def total_targets_seen(self) -> int:
+        """Useful (target) tokens over all ranks and resumed segments (collective: call on every rank)."""
+        local = torch.tensor(float(self.targets_seen), device=self.device)
+        return self.targets_before + int(self.trainer.strategy.reduce(local, reduce_op="sum"))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with other trainable weights: strict=False would load nothing silently."""
@@ -270,4 +279,6 @@ class FineTuneTask(L.LightningModule):
         self.nonfinite_skips = [dict(v) for v in extra.get("nonfinite_skips", [])]
         self.tokens_before = int(extra.get("tokens_seen", 0))
         self.tokens_seen = 0
+        self.targets_before = int(extra.get("targets_seen", 0))
+        self.targets_seen = 0
         self.train_time_s = float(extra.get("train_time_s", 0.0))

@@ -206,3 +206,20 @@ def test_mha_to_gqa_shapes_and_exact_for_identical_heads():
     gqa.load_state_dict(converted)
     x = torch.randint(1, 128, (2, 9))
     assert (gqa(x).logits - mha(x).logits).abs().max().item() < 1e-5
+
+
+def test_converter_refuses_a_non_empty_output_folder_and_replaces_it_whole_with_overwrite(tmp_path, capsys):
+    from mistral_ft.convert import main
+
+    orig = _write_original(tmp_path / "orig", PARAMS, _original_state(PARAMS, seed=4))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{\"mine\": true}")
+    assert main(["--input_dir", str(orig), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir {out}: already exists and is not empty" in err and "--overwrite" in err
+    assert "Traceback" not in err and [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "{\"mine\": true}"  # not overwritten
+    assert main(["--input_dir", str(orig), "--output_dir", str(out), "--overwrite"]) == 0
+    assert "mine" not in (out / "config.json").read_text() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orig"]  # no temporary folder left

@@ -183,6 +183,8 @@ BAD_JSONL = [
     ("bool label", "classification", [{"text": "t", "label": True}], ":1: field 'label': expected a label name"),
     ("mixed labels", "classification", [{"text": "t", "label": "a"}, {"text": "t", "label": 1}], ":2: field 'label': int label"),
     ("not an object", "text", ["[1, 2]"], ":1: field '<row>': expected a JSON object"),
+    ("duplicate key", "text", [{"text": "ok"}, '{"text": "a", "text": "b"}'], ":2: duplicate key 'text'"),
+    ("too deep", "text", [{"text": "ok"}, '{"text": ' + "[" * 100000 + "]" * 100000 + "}"], ":2: malformed JSON: nested deeper"),
 ]
 
 
