@@ -11,22 +11,7 @@ import torch
 from mistral_ft.data import DataError
 from mistral_ft.data.preference import PairCollator, build_pair_datasets
 
-DATA = {"train_file": "data/preference_train.jsonl", "format": "preference", "max_length": 128}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from mistral_ft.model.tiny import tiny_model_path
-    from mistral_ft.tokenizer import MistralTokenizer
-
-    path = str(tiny_model_path())
-    return path, MistralTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def pairs(tiny):
-    train, _, _ = build_pair_datasets(DATA, tiny[1])
-    return train
+from helpers.preference import DATA, pairs, tiny  # noqa: F401 (shared fixtures)
 
 
 # ---- data ---------------------------------------------------------------------------------------------

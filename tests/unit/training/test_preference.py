@@ -11,22 +11,7 @@ from mistral_ft.data.preference import PairCollator, build_pair_datasets
 from mistral_ft.training.tasks.preference import DPOTask
 from mistral_ft.training.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss, preference_settings
 
-DATA = {"train_file": "data/preference_train.jsonl", "format": "preference", "max_length": 128}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from mistral_ft.model.tiny import tiny_model_path
-    from mistral_ft.tokenizer import MistralTokenizer
-
-    path = str(tiny_model_path())
-    return path, MistralTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def pairs(tiny):
-    train, _, _ = build_pair_datasets(DATA, tiny[1])
-    return train
+from helpers.preference import DATA, pairs, tiny  # noqa: F401 (shared fixtures)
 
 
 def test_policy_equals_reference_at_step_zero_with_lora_dropout(tiny, pairs):
