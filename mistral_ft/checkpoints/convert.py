@@ -283,20 +283,22 @@ def find_tokenizer(input_dir: Path) -> Path:
     return found[0]
 
 
-def _tokenizer_ids(tok_file: Path) -> tuple[int, int, int, int]:
-    """(vocabulary size, bos, eos, pad) of a tokenizer file, read by mistral_common (the file's own format).
+def _read_tokenizer(tok_file: Path):
+    """The release's tokenizer through our one entry point, which reads its version from the file's contents
+    (v1/v2/v3/v7 sentencepiece, Tekken): the converted folder then gets exactly what export writes (the file
+    under its versioned name, plus the tokenizer_config.json transformers needs), and bos/eos/pad from it.
 
-    Pad: the tokenizer's pad id (Tekken has one), else 0 (``<unk>``, never produced with byte fallback): never EOS.
+    Pad: the tokenizer's pad id (Tekken has one), else ``<unk>`` (never produced with byte fallback): never EOS.
     """
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+    from mistral_ft.tokenizer import MistralTokenizer, TokenizerFileError
 
     try:
-        tok = MistralCommonTokenizer.from_file(str(tok_file)).instruct_tokenizer.tokenizer
+        return MistralTokenizer.from_pretrained(tok_file)
+    except TokenizerFileError as e:
+        raise ConversionError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any parse failure of a user's file is bad input
-        raise ConversionError(f"{tok_file}: not a tokenizer mistral_common can read ({type(e).__name__}: "
+        raise ConversionError(f"{tok_file}: not a tokenizer file we can read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
-    return tok.n_words, tok.bos_id, tok.eos_id, pad
 
 
 def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, model_size: str | None = None,
@@ -327,7 +329,10 @@ def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLi
     config = read_params(input_dir / "params.json", model_size, max_position_embeddings,
                          DEFAULT_MAX_POSITIONS if legacy else None)
     tok_file = find_tokenizer(input_dir)
-    vocab, config.bos_token_id, config.eos_token_id, config.pad_token_id = _tokenizer_ids(tok_file)
+    tokenizer = _read_tokenizer(tok_file)
+    vocab = tokenizer.vocab_size
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     if vocab > config.vocab_size or config.vocab_size - vocab >= 1024:
         raise ConversionError(f"{tok_file}: the tokenizer has {vocab} tokens, but params.json says "
                               f"vocab_size={config.vocab_size}: they do not belong together")
@@ -356,12 +361,7 @@ def convert_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLi
     try:
         shell.save_pretrained(tmp / "out", max_shard_size=max_shard_size, state_dict=state)
         del state
-        if tok_file.name == "tokenizer.model":
-            from mistral_ft.tokenizer import MistralTokenizer
-
-            MistralTokenizer.from_pretrained(tok_file).save_pretrained(tmp / "out")
-        else:
-            shutil.copyfile(tok_file, tmp / "out" / tok_file.name)  # as it came: its name says its version
+        tokenizer.save_pretrained(tmp / "out")  # v2+/Tekken: the file as it came, under its versioned name
         _share_folder(tmp / "out")
         if output_dir.is_dir() and any(output_dir.iterdir()):  # --overwrite: move the old folder aside first
             os.rename(output_dir, tmp / "old")

@@ -121,6 +121,16 @@ def test_release_layout_matches_reference_forward(tmp_path, layout, shards):
     assert main(["--input_dir", str(src), "--output_dir", str(out), "--dtype", "float32",
                  "--max_position_embeddings", str(max_pos), "--max_shard_size", "1MB"]) == 0
     assert (out / tok_name).read_bytes() == (src / tok_name).read_bytes()  # copied as it came
+    # written through the tokenizer entry point, as export writes it: transformers' AutoTokenizer reads it with
+    # mistral_common (tokenizer_config.json), and the chat ids equal ours
+    from mistral_ft.tokenizer import MistralTokenizer
+
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    our_ids, _ = MistralTokenizer.from_pretrained(out).encode_chat(chat)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, mode="finetuning")
+    assert type(hf_tok).__name__ == "MistralCommonBackend"
+    hf_ids = hf_tok.apply_chat_template(chat, tokenize=True)
+    assert list(getattr(hf_ids, "input_ids", hf_ids)) == list(our_ids)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["head_dim"], cfg["rope_theta"], cfg["sliding_window"], cfg["max_position_embeddings"],
             cfg["vocab_size"]) == (params["head_dim"], 1e6, None, max_pos, params["vocab_size"])
