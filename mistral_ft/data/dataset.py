@@ -225,7 +225,7 @@ def _finish(columns: dict[str, list[Any]], cfg: DataConfig, seed: int) -> dict[s
     return {k: [row[k] for row in packed] for k in ("input_ids", "labels", "position_ids", "document_ids")}
 
 
-def _splits(cfg: DataConfig) -> tuple[LoadedSplit, _Rows, Optional[_Rows], Optional[str]]:
+def choose_splits(cfg: DataConfig) -> tuple[LoadedSplit, _Rows, Optional[_Rows], Optional[str]]:
     """(train split as loaded, train rows, validation rows or None, validation source): which rows validate."""
     train_split = load_split(cfg.train_file, cfg, cfg.split)
     train = _normalize(train_split, cfg)
@@ -247,7 +247,7 @@ def validation_rows(data_cfg: Any) -> tuple[list[str], list[dict[str, Any]], Opt
     """(locations, canonical rows, source) of the validation split exactly as `build_datasets` picks it
     (file, hub split or `val_fraction` hold-out); empty lists when there is no validation split."""
     cfg = DataConfig.from_mapping(data_cfg)
-    _, _, val, source = _splits(cfg)
+    _, _, val, source = choose_splits(cfg)
     return (val.locs, val.rows, source) if val is not None else ([], [], None)
 
 
@@ -256,7 +256,7 @@ def build_datasets(
 ) -> tuple[TokenDataset, Optional[TokenDataset], DataInfo]:
     """The whole pipeline: returns (train, validation or None, info). See the module docstring."""
     cfg = DataConfig.from_mapping(data_cfg)
-    train_split, train, val, val_source = _splits(cfg)
+    train_split, train, val, val_source = choose_splits(cfg)
 
     names: Optional[list[str]] = None
     from_ids = False

@@ -39,10 +39,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mistral_ft.data.config import DataConfig
-from mistral_ft.data.dataset import DataInfo, _hold_out, _normalize
+from mistral_ft.data.dataset import DataInfo, choose_splits
 from mistral_ft.data.errors import DataError, tolerate
 from mistral_ft.data.formats import IGNORE_INDEX, ChatTokenizer
-from mistral_ft.data.loading import load_split
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +123,7 @@ def build_pair_datasets(data_cfg: Any, tokenizer: ChatTokenizer) -> tuple[PairDa
     if cfg.pack:
         raise DataError("data config: field 'pack': preference pairs are not packed (chosen and rejected of a pair "
                         "must stay apart and together in one micro-batch); set data.pack=false")
-    train_split = load_split(cfg.train_file, cfg, cfg.split)
-    train = _normalize(train_split, cfg)
-    val = None
-    val_source: Optional[str] = None
-    if cfg.validation_file:
-        val_split = load_split(cfg.validation_file, cfg, cfg.validation_split or "validation")
-        val, val_source = _normalize(val_split, cfg), val_split.source
-    elif cfg.validation_split:
-        val_split = load_split(cfg.train_file, cfg, cfg.validation_split)
-        val, val_source = _normalize(val_split, cfg), val_split.source
-    elif cfg.val_fraction:
-        train, val = _hold_out(train, cfg.val_fraction, cfg.seed)
-        val_source = f"{train_split.source} (val_fraction={cfg.val_fraction}, seed={cfg.seed})"
+    train_split, train, val, val_source = choose_splits(cfg)
     info = DataInfo(cfg.format, "preference", train_split.source, val_source, max_length=cfg.max_length)
 
     out: list[Optional[PairDataset]] = []
