@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.adapters.lora import apply_peft, trainable_parameter_count
+from mistral_ft.adapters.lora import apply_peft, describe_adapter, head_labels, trainable_parameter_count
 from mistral_ft.data import MistralDataModule
 from mistral_ft.distributed.fsdp import gather_trainable, is_sharded
 from mistral_ft.distributed.rank_local import meta_model, rank_local_load_applies
@@ -24,7 +24,7 @@ from mistral_ft.errors import ConfigError, TrainingStopped
 
 from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.attention import resolve_attn_implementation
-from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resume
+from mistral_ft.runs import BASE_RECORD, TASK_MODEL, adapter_base_name, model_folder, record_base, resolve_resume
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
@@ -272,6 +272,10 @@ def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: A
     else:
         # LoRA on lm_head would otherwise make peft copy the whole (frozen) output layer into the adapter
         model.save_pretrained(str(folder), save_embedding_layers=False, **extra)
+        record = json.loads((run_dir / BASE_RECORD).read_text())
+        config = model.get_base_model().config
+        describe_adapter(folder, adapter_base_name(record.get("source"), record["path"]), record,
+                         head_labels(config) if TASK_MODEL[c["task"]] == "classification" else None)
     tokenizer.save_pretrained(str(folder))
     return str(folder)
 
