@@ -177,6 +177,21 @@ def adapter_base_name(source: Any, folder: str | os.PathLike) -> str:
     return str(Path(folder).expanduser().resolve())
 
 
+LOGGER_RECORD = "loggers.json"
+
+
+def read_logger_ids(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """`<run>/loggers.json`: what a resume continues (the CSV / TensorBoard `version`, the W&B run `wandb_id`)."""
+    path = Path(run_dir) / LOGGER_RECORD
+    return read_json_object(path, ConfigError) if path.is_file() else {}
+
+
+def write_logger_ids(run_dir: str | os.PathLike, ids: Mapping[str, Any]) -> None:
+    from mistral_ft.fs import atomic_write_bytes
+
+    atomic_write_bytes(Path(run_dir) / LOGGER_RECORD, (json.dumps(dict(ids), indent=2, sort_keys=True) + "\n").encode())
+
+
 def check_base(record: Mapping[str, Any], folder: Path, where: Path) -> None:
     """Raise ExportError when `folder`'s weights are not the ones `record` (from `where`) describes."""
     want = record.get("fingerprint") or {}

@@ -28,7 +28,7 @@ from mistral_ft.runs import BASE_RECORD, TASK_MODEL, adapter_base_name, model_fo
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
-from mistral_ft.training.registry import build, resolve_precision
+from mistral_ft.training.registry import build, continue_history_callback, resolve_precision
 from mistral_ft.lock import FolderLock
 from mistral_ft.masking import mask_log_handlers
 from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
@@ -212,8 +212,9 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
 
     try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
-                         logger=build("logger", c["logger"], run_dir),
-                         callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins,
+                         logger=build("logger", {**c["logger"], "continue_history": bool(c.get("resume"))}, run_dir),
+                         callbacks=[RngStates(), checkpoint, continue_history_callback(run_dir), *hook_callbacks()],
+                         plugins=plugins,
                          default_root_dir=str(run_dir))
     except (ValueError, MisconfigurationException) as err:
         raise ConfigError(f"trainer: {err} (trainer.accelerator={trainer_args.get('accelerator')!r}, "
