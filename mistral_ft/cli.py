@@ -36,6 +36,9 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
     converter, until the reliability issue gives every command one policy), else reported as "`what` failed: Type: text" with status 1 after
     `on_failure()` (e.g. logging the traceback to the run's log file).
     """
+    from mistral_ft.quiet import quiet_third_party
+
+    quiet_third_party()
     debug = debug_requested(args)
     try:
         return body()

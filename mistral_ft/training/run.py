@@ -28,6 +28,7 @@ from mistral_ft.runs import BASE_RECORD, TASK_MODEL, adapter_base_name, model_fo
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
+from mistral_ft.training.progress import progress_bar
 from mistral_ft.training.registry import build, continue_history_callback, resolve_precision
 from mistral_ft.lock import FolderLock
 from mistral_ft.masking import mask_log_handlers
@@ -112,7 +113,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     module.generation_eval = generation_eval
 
     trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
-    if rank == 0:  # the run folder's descriptive files, written only now that data, model and trainer are built
+    if rank == 0 and not trainer.fast_dev_run:  # the run folder's files, now that data, model and trainer are built
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
     if trainer.world_size > 1:  # which launcher Lightning found: the line to read when a multi-node job hangs
         env = getattr(trainer.strategy, "cluster_environment", None)
@@ -143,8 +144,11 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     # Decide from trainer state, not from the file system: every rank must take the same branch,
     # because save_checkpoint ends in a barrier (rank 0 may already have written the file).
     # ModelCheckpoint wrote step-N.ckpt itself when N is a multiple of every_n_train_steps.
+    if trainer.fast_dev_run:  # Lightning's smoke test: it writes no checkpoints or logs, and neither do we
+        log.info("fast_dev_run: nothing written (no checkpoint, adapter, summary or logs)")
+        return {}
     if trainer.global_step % int(c["checkpoint"]["every_n_train_steps"]) != 0 or not trainer.global_step:
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final, weights_only=False)  # the full state: resume needs it
     # a final validation unless the last one was at the final step
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -213,7 +217,10 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
                          logger=build("logger", {**c["logger"], "continue_history": bool(c.get("resume"))}, run_dir),
-                         callbacks=[RngStates(), checkpoint, continue_history_callback(run_dir), *hook_callbacks()],
+                         # fast_dev_run: Lightning skips step checkpoints but still writes last.ckpt; no checkpoint at all
+                         callbacks=[RngStates(), *([] if trainer_args.get("fast_dev_run") else [checkpoint]),
+                                    continue_history_callback(run_dir), *hook_callbacks(),
+                                    *([progress_bar()] if trainer_args.get("enable_progress_bar", True) else [])],
                          plugins=plugins,
                          default_root_dir=str(run_dir))
     except (ValueError, MisconfigurationException) as err:
