@@ -263,7 +263,7 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
         if gguf:
             from mistral_ft.checkpoints.gguf import GGUF_NAME, write_gguf
 
-            report.update(write_gguf(merged, tmp / GGUF_NAME, config, out_dtype))
+            report.update(write_gguf(merged, tmp / GGUF_NAME, config, out_dtype, out.name))
             report["gguf"] = str(out / GGUF_NAME)
         _share(tmp)
         try:

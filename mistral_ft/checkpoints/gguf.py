@@ -62,8 +62,9 @@ def sliding_window_warning(config: Any) -> Optional[str]:
             "differ from this model's (see docs/export.md)")
 
 
-def write_gguf(folder: Path, out_file: Path, config: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """Write `folder` (an exported merged/ causal-LM folder) as the GGUF file `out_file`; returns a report."""
+def write_gguf(folder: Path, out_file: Path, config: Any, dtype: torch.dtype, name: str) -> dict[str, Any]:
+    """Write `folder` (an exported merged/ causal-LM folder) as the GGUF file `out_file` (`general.name` =
+    `name`); returns a report."""
     gguf = _gguf()
     from safetensors import safe_open
 
@@ -97,7 +98,7 @@ def write_gguf(folder: Path, out_file: Path, config: Any, dtype: torch.dtype) ->
     if warning:
         log.warning("%s", warning)
     writer = gguf.GGUFWriter(str(out_file), "llama")
-    writer.add_name(folder.parent.name)
+    writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(n_layers)

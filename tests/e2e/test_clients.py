@@ -137,7 +137,7 @@ def test_gguf_file_matches_the_merged_folder(exported, capsys):
     # the permutation is the rotate-half -> interleaved one: one head of 4 rows (a0 a1 b0 b1) -> (a0 b0 a1 b1)
     assert permute_for_ggml(torch.arange(4.0).reshape(4, 1), 1).flatten().tolist() == [0, 2, 1, 3]
     field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert field("general.architecture") == "llama"
+    assert field("general.architecture") == "llama" and field("general.name") == "instruct"
     assert field("llama.context_length") == config["max_position_embeddings"]
     assert field("llama.embedding_length") == config["hidden_size"]
     assert field("llama.block_count") == config["num_hidden_layers"]
@@ -161,3 +161,56 @@ def test_gguf_export_warns_about_the_sliding_window(runs, tmp_path, capsys, capl
 def test_gguf_of_a_classifier_is_refused_before_anything_is_written(runs, tmp_path, capsys):
     assert export_main([f"run_dir={runs['classify']}", f"output_dir={tmp_path / 'out'}", "gguf=true"]) == 2
     assert "causal LMs" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _ggml_llama_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's `llama` forward written out from the GGUF alone: its tensors, its metadata, and GGML's NORM
+    rope, which rotates adjacent pairs (x[2i], x[2i+1]); full causal attention (no sliding window)."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(path))
+    f = lambda k: r.fields[k].contents()  # noqa: E731
+    w = {t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist()))).float() for t in r.tensors}
+    n_head, n_kv, eps, theta = (f("llama.attention.head_count"), f("llama.attention.head_count_kv"),
+                                f("llama.attention.layer_norm_rms_epsilon"), f("llama.rope.freq_base"))
+    t_len = len(ids)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rope(x):  # (T, heads, d)
+        d = x.shape[-1]
+        ang = torch.arange(t_len).float()[:, None] * theta ** (-torch.arange(0, d, 2).float() / d)[None]
+        c, s = ang.cos()[:, None], ang.sin()[:, None]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+        out[..., 1::2] = x[..., 0::2] * s + x[..., 1::2] * c
+        return out
+
+    h = w["token_embd.weight"][ids]
+    for i in range(f("llama.block_count")):
+        p = f"blk.{i}."
+        x = rms(h, w[p + "attn_norm.weight"])
+        q = rope((x @ w[p + "attn_q.weight"].T).view(t_len, n_head, -1))
+        k = rope((x @ w[p + "attn_k.weight"].T).view(t_len, n_kv, -1)).repeat_interleave(n_head // n_kv, 1)
+        v = (x @ w[p + "attn_v.weight"].T).view(t_len, n_kv, -1).repeat_interleave(n_head // n_kv, 1)
+        a = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                             is_causal=True)
+        h = h + a.transpose(0, 1).reshape(t_len, -1) @ w[p + "attn_output.weight"].T
+        x = rms(h, w[p + "ffn_norm.weight"])
+        h = h + (torch.nn.functional.silu(x @ w[p + "ffn_gate.weight"].T) * (x @ w[p + "ffn_up.weight"].T)) \
+            @ w[p + "ffn_down.weight"].T
+    return rms(h, w["output_norm.weight"]) @ w["output.weight"].T
+
+
+def test_gguf_computed_the_llama_cpp_way_gives_our_logits_within_the_window(exported):
+    """Within the sliding window (32 tokens on the tiny model) the GGUF, read as llama.cpp reads it, is our model."""
+    from mistral_ft import MistralForCausalLM
+
+    ids = _ids()[0, :24]
+    assert len(ids) <= 32
+    with torch.no_grad():
+        ours = MistralForCausalLM.from_pretrained(exported["instruct"] / "merged")(input_ids=ids[None]).logits[0]
+        theirs = _ggml_llama_logits(exported["instruct"] / "model.gguf", ids)
+    assert (theirs - ours).abs().max() < 1e-4
