@@ -13,7 +13,8 @@ Without bad rows the original file goes to `datasets` untouched.
 
 A `.txt` file (format text) is split into documents by `txt_document`: "block" (the default) makes
 each run of non-blank lines one document (its lines joined with "\n"; a blank line holds only
-whitespace), "file" makes the whole file one document, exactly as written. Either way the documents go
+whitespace), "file" makes the whole file one document, as written. Line ends read as "\n" (universal
+newlines, as `datasets`' own text builder reads them). Either way the documents go
 to `datasets` as a clean JSONL copy, located "book.txt:12" (the first line of the block).
 
 A folder written by `datasets`' `save_to_disk` (a `Dataset`: `state.json`; a `DatasetDict`:
@@ -191,7 +192,8 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
 
 def _iter_txt(path: Path, cfg: DataConfig) -> Iterator[tuple[int, Any, Optional[str]]]:
     """(first line of the document, {text_field: document}, None): see `txt_document` in the module docstring."""
-    text = _read_utf8(path)
+    # universal newlines, as Python's text mode and `datasets`' text builder read a file
+    text = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")
     if cfg.txt_document == "file":
         if text.strip():
             yield 1, {cfg.text_field: text}, None
@@ -199,7 +201,6 @@ def _iter_txt(path: Path, cfg: DataConfig) -> Iterator[tuple[int, Any, Optional[
     block: list[str] = []
     start = 0
     for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): it also splits at \x0c, \u2028, ...
-        line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             if not block:
                 start = i
