@@ -22,7 +22,6 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Reference
 
 from mistral_ft.data import DataConfig, DataError, build_datasets, collect_problems
-from mistral_ft.data.formats import SHAREGPT_ROLES
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import available, compose_config, config_dir
 
@@ -30,7 +29,7 @@ SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 CONV = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi there"},
         {"from": "gpt", "value": "Hello!"}, {"from": "user", "value": "What is 2+2?"},
         {"from": "assistant", "value": "4"}]
-MESSAGES = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in CONV]
+MESSAGES = [{"role": role, "content": t["value"]} for role, t in zip([SYSTEM, USER, ASSISTANT, USER, ASSISTANT], CONV)]
 
 
 @pytest.fixture(scope="module")
