@@ -343,8 +343,8 @@ def _sharegpt(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
 
 
 # ---- a row that has another format's shape --------------------------------------------------------------------------------
-def _guess_format(row: Mapping[str, Any]) -> Optional[tuple[str, str, str]]:
-    """(format, extra override, why) for a row with the default keys of a known format, else None."""
+def _guess_format(row: Mapping[str, Any]) -> Optional[tuple[str, Optional[tuple[str, str]], str]]:
+    """(format, (config key, value) it also needs or None, why) for a row of a known format's shape, else None."""
     def turns(key: str) -> Optional[Mapping[str, Any]]:
         value = row.get(key)
         return value[0] if isinstance(value, list) and value and isinstance(value[0], Mapping) else None
@@ -352,39 +352,41 @@ def _guess_format(row: Mapping[str, Any]) -> Optional[tuple[str, str, str]]:
     for key in ("conversations", "messages"):
         first = turns(key)
         if first is not None and "from" in first and "value" in first:
-            extra = "" if key == "conversations" else f" data.conversations_field={key}"
-            return "sharegpt", extra, f"'{key}' holds turns with 'from' and 'value'"
+            return "sharegpt", ("conversations_field", key), f"'{key}' holds turns with 'from' and 'value'"
         if first is not None and "role" in first:
-            extra = "" if key == "messages" else f" data.messages_field={key}"
-            return "messages", extra, f"'{key}' holds messages with 'role'"
+            return "messages", ("messages_field", key), f"'{key}' holds messages with 'role'"
     if "chosen" in row and "rejected" in row:
-        return "preference", "", "it has 'chosen' and 'rejected'"
+        return "preference", None, "it has 'chosen' and 'rejected'"
     if "instruction" in row and "output" in row:
-        return "alpaca", "", "it has 'instruction' and 'output'"
+        return "alpaca", None, "it has 'instruction' and 'output'"
     if "text" in row and "label" in row:
         label = row["label"]
         fmt = "regression" if isinstance(label, float) and not label.is_integer() else "classification"
-        return fmt, "", "it has 'text' and 'label'"
+        return fmt, None, "it has 'text' and 'label'"
     if isinstance(row.get("text"), str):
-        return "text", "", "it has 'text'"
+        return "text", None, "it has 'text'"
     return None
 
 
 def format_hint(row: Any, cfg: DataConfig) -> Optional[str]:
-    """For a first row that failed `normalize_row`: a sentence naming the format it looks like, or None.
+    """For a first row that failed `normalize_row`: a sentence naming the format (and key) it looks like, or None.
 
-    Only when the row has another known format's shape (with that format's default keys); a row of the
-    configured shape that is merely broken gets no hint.
+    Only when the row has another known format's shape, or the configured format's shape under another key
+    (`conversations` holding messages); a row of the configured shape that is merely broken gets no hint.
     """
     if not isinstance(row, Mapping):
         return None
     guess = _guess_format(row)
-    if guess is None or (guess[0] == cfg.format and not guess[1]):
+    if guess is None:
         return None
-    fmt, extra, why = guess
-    return (f"this row looks like data.format={fmt} ({why}), not data.format={cfg.format}: set "
-            f"data.format={fmt}{extra} (docs/data.md lists the row shapes). The first row already has another "
-            "format's shape, so the file is refused as a whole instead of row by row")
+    fmt, needs, why = guess
+    extra = f" data.{needs[0]}={needs[1]}" if needs is not None and getattr(cfg, needs[0]) != needs[1] else ""
+    if fmt == cfg.format and not extra:
+        return None
+    return (f"this row looks like data.format={fmt} ({why}), not data.format={cfg.format}"
+            + (f" with data.{needs[0]}={getattr(cfg, needs[0])}" if fmt == cfg.format and needs else "")
+            + f": set data.format={fmt}{extra} (docs/data.md lists the row shapes). The first row already has "
+            "another format's shape, so the file is refused as a whole instead of row by row")
 
 
 def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[str, Any]:

@@ -340,12 +340,13 @@ def _has_content_parts(raw: Any) -> bool:
 
 
 def _as_parts(raw: dict[str, Any]) -> dict[str, Any]:
-    """The row with every string content written as one text part: the same text (formats._content), one type."""
+    """The row with every string content written as one text part: the same text (formats._content), one arrow type."""
     out = dict(raw)
     for key, value in raw.items():
         if any(value is msgs for msgs in _message_lists(raw)):
-            out[key] = [dict(m, content=[{"type": "text", "text": m["content"]}]) if isinstance(m["content"], str) else m
-                        for m in value]
+            # in a valid row "" is only the content of an assistant turn with tool calls, the same as None
+            out[key] = [dict(m, content=[{"type": "text", "text": m["content"]}] if m["content"] else None)
+                        if isinstance(m["content"], str) else m for m in value]
     return out
 
 

@@ -21,7 +21,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Reference
 
-from mistral_ft.data import DataConfig, DataError, build_datasets, collect_problems
+from mistral_ft.data import DataConfig, DataError, build_datasets, collect_problems, load_split, normalize_row
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import available, compose_config, config_dir
 
@@ -110,6 +110,20 @@ def test_content_parts_are_encoded_as_mistral_common_encodes_them(tok, tmp_path)
     plain = one(tok, train_file=jsonl(tmp_path / "plain.jsonl", [{"messages": joined}]))
     assert train[0] == plain
     assert one(tok, train_file=jsonl(tmp_path / "m.jsonl", [{"messages": MESSAGES}])) == train[1]  # "4" stays a string
+
+
+def test_mixed_string_and_part_contents_load_as_written(tmp_path):
+    """Arrow holds one type per column; the rows `datasets` hands back must normalize as the file's rows do."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
+    tool_row = {"messages": [{"role": USER, "content": _parts("Add 2.")},
+                             {"role": ASSISTANT, "content": "", "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "4"},
+                             {"role": ASSISTANT, "content": "4"}]}
+    rows = [{"messages": MESSAGES}, tool_row, {"messages": [{"role": USER, "content": _parts("a", "b")},
+                                                            {"role": ASSISTANT, "content": "007"}]}]
+    cfg = DataConfig.from_mapping({"train_file": jsonl(tmp_path / "mixed.jsonl", rows)})
+    loaded = load_split(cfg.train_file, cfg)
+    assert [normalize_row(r, cfg) for r in loaded.dataset] == [normalize_row(r, cfg) for r in rows]
 
 
 def test_non_text_content_parts_are_refused(tok, tmp_path):
@@ -201,6 +215,8 @@ def test_alpaca_rows_under_messages_give_one_paragraph_naming_the_format(tok, tm
     ({"conversations": CONV}, "messages", "set data.format=sharegpt"),
     ({"conversations": MESSAGES}, "messages", "set data.format=messages data.messages_field=conversations"),
     ({"messages": MESSAGES}, "sharegpt", "set data.format=messages"),
+    ({"messages": CONV}, "sharegpt", "with data.conversations_field=conversations: set data.format=sharegpt "
+                                     "data.conversations_field=messages"),
     ({"text": "good", "label": "pos"}, "regression", "set data.format=classification"),
     ({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "alpaca", "set data.format=preference"),
 ])
@@ -219,6 +235,11 @@ def test_a_broken_row_of_the_right_shape_gets_no_hint_and_the_hub_path_hints_too
     with collect_problems() as problems:
         build_datasets({"train_file": path}, tok)
     assert len(problems) == 1  # row by row as before
+    broken = [CONV[1], {"from": "gpt", "value": ""}]
+    path = jsonl(tmp_path / "sg.jsonl", [{"messages": broken}])  # already pointed at its key: a plain row error
+    with pytest.raises(DataError) as err:
+        build_datasets({"train_file": path, "format": "sharegpt", "conversations_field": "messages"}, tok)
+    assert "messages[1].value" in str(err.value) and "data.format" not in str(err.value)
     datasets.Dataset.from_list([ALPACA] * 3).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"saved:row 1: field 'messages': missing .*set data\.format=alpaca"):
         build_datasets({"train_file": str(tmp_path / "saved"), "skip_invalid": True}, tok)
