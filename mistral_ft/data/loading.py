@@ -11,7 +11,7 @@ Worked example (skip_invalid=True, train.jsonl with a bad line 2 of 3):
     -> LoadedSplit(dataset with 2 rows, locs ["train.jsonl:1", "train.jsonl:3"], skipped=1)
 Without bad rows the original file goes to `datasets` untouched.
 
-A `.txt` file (format text) is split into documents by `txt_document`: "block" (the default) makes
+A `.txt` file, or a folder holding only .txt files (format text), is split into documents by `txt_document`: "block" (the default) makes
 each run of non-blank lines one document (its lines joined with "\n"; a blank line holds only
 whitespace), "file" makes the whole file one document, as written. Line ends read as "\n" (universal
 newlines, as `datasets`' own text builder reads them). Either way the documents go
@@ -291,17 +291,19 @@ def _load_local(path: Path, cfg: DataConfig, split: str) -> LoadedSplit:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _load_saved(path, cfg, split)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if files and all(p.suffix.lower() == TXT for p in files):
+            return _load_txt(path, files, cfg)
         return _load_named(str(path), cfg, split=split, local_dir=True)
     ext = path.suffix.lower()
     if ext not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {ext!r} (use one of {SUFFIXES}, or a save_to_disk folder)")
-    if ext == TXT and cfg.format != "text":
-        raise DataError(f"{path}: a .txt file holds plain text (one document per blank-line block; "
-                        f"data.txt_document=file: the whole file), but data.format is {cfg.format!r}: set data.format=text")
+    if ext == TXT:
+        return _load_txt(path, [path], cfg)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no rows)")
     _, locs, raws, skipped, _ = _scan_local(path, cfg)
-    builder = BUILDERS.get(ext, "json")
+    builder = BUILDERS[ext]
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # keep every cell a string: we parse numbers ourselves, pandas would turn "007" into 7
@@ -313,18 +315,41 @@ def _load_local(path: Path, cfg: DataConfig, split: str) -> LoadedSplit:
     # fall back to pandas, which turns a content "4" into the int 4. The copy then writes every content as parts.
     mixed = any(_has_content_parts(raw) for raw in raws)
     ds: Optional[datasets.Dataset] = None
-    if not skipped and ext != TXT and not mixed:
+    if not skipped and not mixed:
         ds = _datasets_load(builder, str(path), kwargs, path)
         if len(ds) != len(locs):  # e.g. a reader that drops blank CSV lines differently from ours
             ds = None
     if ds is None:  # hand `datasets` a clean copy holding only the rows that passed validation
-        with tempfile.TemporaryDirectory(prefix="mistral_ft_data_") as tmp:
-            clean = Path(tmp) / "rows.jsonl"
-            with clean.open("w", encoding="utf-8") as fh:
-                for raw in raws:
-                    fh.write(json.dumps(_as_parts(raw) if mixed else raw, ensure_ascii=False, default=str) + "\n")
-            ds = _datasets_load("json", str(clean), {"cache_dir": str(Path(tmp) / "cache")}, path, in_memory=True)
+        ds = _clean_copy([_as_parts(raw) for raw in raws] if mixed else raws, path)
     return LoadedSplit(ds, locs, skipped, from_csv=ext == ".csv", source=str(path), validated=True)
+
+
+def _load_txt(source: Path, files: list[Path], cfg: DataConfig) -> LoadedSplit:
+    """A .txt file, or a folder holding only .txt files (read in name order), as the documents of format text."""
+    if cfg.format != "text":
+        raise DataError(f"{source}: .txt files hold plain text (one document per blank-line block; "
+                        f"data.txt_document=file: one per file), but data.format is {cfg.format!r}: set data.format=text")
+    locs: list[str] = []
+    raws: list[Any] = []
+    skipped = 0
+    for file in files:
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: empty file (no rows)")
+        _, file_locs, file_raws, file_skipped, _ = _scan_local(file, cfg)
+        locs += file_locs
+        raws += file_raws
+        skipped += file_skipped
+    return LoadedSplit(_clean_copy(raws, source), locs, skipped, from_csv=False, source=str(source), validated=True)
+
+
+def _clean_copy(raws: list[Any], shown: Path) -> datasets.Dataset:
+    """The rows through `datasets`' JSON builder, from a temporary JSONL (kept in memory, no cache left behind)."""
+    with tempfile.TemporaryDirectory(prefix="mistral_ft_data_") as tmp:
+        clean = Path(tmp) / "rows.jsonl"
+        with clean.open("w", encoding="utf-8") as fh:
+            for raw in raws:
+                fh.write(json.dumps(raw, ensure_ascii=False, default=str) + "\n")
+        return _datasets_load("json", str(clean), {"cache_dir": str(Path(tmp) / "cache")}, shown, in_memory=True)
 
 
 def _message_lists(raw: Any) -> Iterator[list[Any]]:

@@ -153,16 +153,32 @@ def test_txt_is_one_document_per_blank_line_block_or_per_file(tok, tmp_path):
     assert len(whole) == 1 and whole[0]["input_ids"] == tok.encode(reference[0]["text"], add_bos=True, add_eos=True)
 
 
+def test_a_folder_of_txt_files_is_read_in_name_order(tok, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "b.txt").write_text("Second file.\n\nIts second block.\n", encoding="utf-8")
+    (folder / "a.txt").write_text("First file.\n", encoding="utf-8")
+    (folder / ".hidden").write_text("not read", encoding="utf-8")
+    per_file, _, info = build_datasets({"train_file": str(folder), "format": "text", "txt_document": "file"}, tok)
+    assert [tok.decode(per_file[i]["input_ids"], skip_special_tokens=True) for i in range(len(per_file))] == [
+        "First file.\n", "Second file.\n\nIts second block.\n"]
+    assert info.train_source == str(folder)
+    per_block, _, _ = build_datasets({"train_file": str(folder), "format": "text"}, tok)
+    assert len(per_block) == 3
+    (folder / "c.txt").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.txt: empty file"):
+        build_datasets({"train_file": str(folder), "format": "text"}, tok)
+
+
 def test_txt_needs_format_text_and_names_the_block_line(tok, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("one\n\n\ntwo\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"notes\.txt: a \.txt file holds plain text .*set data\.format=text"):
+    with pytest.raises(DataError, match=r"notes\.txt: \.txt files hold plain text .*set data\.format=text"):
         build_datasets({"train_file": str(path)}, tok)
     with pytest.raises(DataError, match=r"field 'txt_document': 'para' is not one of \['block', 'file'\]"):
         DataConfig.from_mapping({"train_file": str(path), "format": "text", "txt_document": "para"})
-    with collect_problems() as problems:  # the location of a block is its first line
-        build_datasets({"train_file": str(path), "format": "text", "max_length": 2}, tok)
-    assert problems == []
+    cfg = DataConfig.from_mapping({"train_file": str(path), "format": "text"})
+    assert load_split(cfg.train_file, cfg).locs == [f"{path}:1", f"{path}:4"]  # a block is located at its first line
     (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(DataError, match=r"blank\.txt: empty file \(no rows\)"):
         build_datasets({"train_file": str(tmp_path / "blank.txt"), "format": "text"}, tok)
