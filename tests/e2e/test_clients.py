@@ -78,6 +78,7 @@ def test_pipeline_classifies_with_our_label_names(exported):
     assert clf("sunny with a light breeze")[0]["label"] in {"food", "sports", "weather"}
 
 
+@pytest.mark.slow  # TRL's import and one SFT step: ~7 s (the adapter's shape is checked in the default suite below)
 def test_trl_sft_trainer_accepts_the_default_adapter(runs, tmp_path):
     """TRL refuses an adapter whose lm_head is a LoRA layer; the tiny recipe trains lm_head as modules_to_save."""
     import transformers
@@ -94,6 +95,16 @@ def test_trl_sft_trainer_accepts_the_default_adapter(runs, tmp_path):
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": "hello world"}] * 2),
                          processing_class=transformers.AutoTokenizer.from_pretrained(folder))
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+def test_the_default_adapter_has_no_lora_on_lm_head(runs):
+    """What TRL's SFTTrainer checks (`isinstance(model.get_output_embeddings(), BaseTunerLayer)` refuses)."""
+    from peft import AutoPeftModelForCausalLM
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(runs["instruct"] / "adapter", is_trainable=True, dtype=torch.float32)
+    assert not isinstance(model.get_output_embeddings(), BaseTunerLayer)
+    assert any(p.requires_grad for p in model.get_output_embeddings().parameters())  # lm_head still trains
 
 
 def test_adapter_names_its_base_and_carries_its_fingerprint(runs, exported):

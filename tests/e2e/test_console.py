@@ -40,6 +40,7 @@ def test_resume_continues_one_csv_history(tmp_path):
     assert _train_steps(run / "logs" / "version_0" / "metrics.csv") == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow  # wandb's import and offline run files: ~12 s
 def test_resume_continues_the_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -59,6 +60,7 @@ NOISE = ["pip install kernels", "litlogger", "limit_val_batches=1.0", "on_before
          "isinstance(treespec, LeafSpec)", "weights_only", "v_num", "/-2"]
 
 
+@pytest.mark.slow  # two subprocess runs: ~90 s; test_the_filters_drop_only_their_message is the default check
 def test_a_clean_tiny_run_prints_none_of_the_known_noise(tmp_path):
     """In a subprocess (a fresh interpreter: warnings and log filters as a user gets them), with the progress
     bar on; then a resume, which is where Lightning's `weights_only` notice came from."""
@@ -85,3 +87,29 @@ def test_fast_dev_run_writes_no_checkpoint_adapter_or_logs(tmp_path):
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*")) if run.exists() else []
     assert not [p for p in left if p.startswith(("checkpoints", "adapter", "model", "logs"))
                 or p in ("summary.json", "loss_curve.png", "loggers.json")], left
+
+
+def test_the_filters_drop_only_their_message(caplog):
+    """The filters hold only the listed third-party lines: the same loggers' other records, and ours, pass."""
+    import logging
+    import warnings
+
+    from mistral_ft.quiet import quiet_third_party
+
+    quiet_third_party()
+    bnb, pl = logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ... `pip install kernels`", "x")
+        pl.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+        bnb.warning("some other bitsandbytes warning")
+        pl.info("GPU available: False, used: False")
+        logging.getLogger("mistral_ft.train").warning("our own warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning",
+                                                        "GPU available: False, used: False", "our own warning"]
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_third_party()  # inside catch_warnings, as the CLI's filters are at process level
+        warnings.warn("You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
+                      " `LightningDataModule`. It will use the implementation from `LightningModule` instance.")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("You have overridden `training_step` somewhere else")
+    assert [str(w.message) for w in seen] == ["You have overridden `training_step` somewhere else"]
