@@ -159,7 +159,12 @@ def test_resume_continues_step_count_and_data_position(instruct_run, tmp_path):
     after = _load(run / "checkpoints" / "last.ckpt")
     assert _data_position(after)["samples"] == (INSTRUCT_STEPS + 4) * 8
     assert s["tokens_seen"] > _summary(instruct_run)["tokens_seen"]
-    assert (run / "logs" / "version_1" / "metrics.csv").is_file()  # the resumed segment logs separately
+    # one history (issue 17): the resumed segment appends to logs/version_0, steps continuing
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
+    rows = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("train_loss")]]
+    assert steps == list(range(INSTRUCT_STEPS + 4))
 
 
 def test_resume_keeps_head_and_label_mapping(classify_run, tmp_path, capsys):
