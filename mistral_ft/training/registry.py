@@ -170,10 +170,12 @@ def _accepts(target: Any) -> Callable[[str], bool]:
 
 def target_kwargs(group: str, settings: Mapping[str, Any], target: Any) -> dict[str, Any]:
     """The keyword arguments a `_target_` class gets from the config: every key the user added, and our
-    group file's own keys (`lr`, `betas`, ...) only where its signature names them (SGD has no betas)."""
+    group file's own keys (`lr`, `betas`, ...) only where its signature names them (SGD has no betas);
+    `name` when it still names one of our built-ins (the group file's selector), never."""
     own, accepts = _OWN_KEYS.get(group, ()), _accepts(target)
+    leftover = {"name"} if settings.get("name") in REGISTRIES.get(group, {}) else set()  # `name: csv` of our file
     return {k: v for k, v in settings.items()
-            if k != "_target_" and (k not in own or (k != "name" and accepts(k)))}
+            if k != "_target_" and k not in leftover and (k not in own or accepts(k))}
 
 
 def _our_args(group: str, target: Any, settings: Mapping[str, Any], args: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
