@@ -60,6 +60,7 @@ class KillDuringWrite(L.Callback):
             self.count += 1
             if self.count != self.write:
                 return original(path, data)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             with open(temp_path(Path(path)), "wb") as fh:
                 fh.write(data[: len(data) // 2])
                 fh.flush()
