@@ -7,8 +7,15 @@ import torch
 
 from mistral_ft.model.losses import CLASSIFICATION_LOSSES, PROBLEM_TYPES, classification_loss_sum
 from mistral_ft.training import registry
-from mistral_ft.training.compose import available, compose_config
+from mistral_ft.training.compose import available, compose_config, config_dir
 from mistral_ft.training.schema import CHOICES
+
+
+def _group_file(group: str, name: str) -> dict:
+    """The group option's YAML as the run sees it (reading the file: composing a whole config is slower)."""
+    import yaml
+
+    return yaml.safe_load((config_dir() / group / f"{name}.yaml").read_text())
 
 
 def _groups() -> list[dict]:
@@ -28,7 +35,7 @@ def test_choices_and_group_files_are_the_table_keys():
 
 @pytest.mark.parametrize("name", list(registry.OPTIMIZERS))
 def test_each_optimizer_builds_from_its_yaml(name):
-    settings = compose_config(["recipe=instruct_lora", "model=tiny", f"optimizer={name}"])["optimizer"]
+    settings = _group_file("optimizer", name)
     opt = registry.build("optimizer", settings, _groups())
     assert opt.param_groups[0]["lr"] == settings["lr"] and opt.param_groups[0]["betas"] == tuple(settings["betas"])
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # the groups' own decay is kept
@@ -52,14 +59,14 @@ def test_each_scheduler_builds_and_follows_lr_factor(name):
 @pytest.mark.parametrize("name", list(registry.LOGGERS))
 def test_each_logger_builds_into_the_run_folder(name, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    settings = compose_config(["recipe=instruct_lora", "model=tiny", f"logger={name}"])["logger"]
+    settings = _group_file("logger", name)
     logger = registry.build("logger", settings, tmp_path)
     assert str(tmp_path) in str(logger.save_dir)
 
 
 @pytest.mark.parametrize("name", list(registry.STRATEGIES))
 def test_each_strategy_builds(name):
-    settings = compose_config(["recipe=instruct_lora", "model=tiny", f"strategy={name}"])["strategy"]
+    settings = _group_file("strategy", name)
     strategy = registry.build("strategy", settings, None)
     assert strategy is not None
 
@@ -113,7 +120,6 @@ def test_target_logger_keeps_a_name_of_its_own(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("optimizer._target_=torch.optim.SGDD", "optimizer._target_: cannot import torch.optim.SGDD"),
-    ("optimizer._target_=nosuchpackage.Opt", "cannot import nosuchpackage.Opt (ModuleNotFoundError"),
     ("scheduler._target_=torch.optim.lr_scheduler.StepLR", "missing a required argument: 'step_size'"),
     ("+callbacks.mine._target_=torch.nn.Linear", "callbacks.mine._target_: torch.nn.Linear does not take"),
     ("+callbacks.mine.patience=3", "callbacks.mine: expected a mapping with _target_"),
