@@ -6,7 +6,7 @@ come from these keys, so adding a built-in is one table entry plus one YAML file
 
 A user's own class: `_target_: my.module.Class` in the optimizer, scheduler or logger group (or any
 entry of the `callbacks` group) is built with Hydra's `instantiate` instead of the table, the objects
-only we have passed in (`TARGET_ARGS`: the parameter groups, the optimizer, the run folder). It is
+only we have passed in (`_our_args`: the parameter groups, the optimizer, the run folder). It is
 Hydra's normal instantiate: it imports the module the config names and calls the class with the
 config's keys, as `python -c` would; nothing beyond that is loaded, and a config is code you trust.
 `check_target` runs during validation, before the run folder exists, so a misspelt class is exit 2.
