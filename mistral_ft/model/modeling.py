@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import MistralCache
 from .config import MistralConfig
+from .losses import classification_loss_sum, infer_problem_type
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -805,19 +806,8 @@ class MistralForSequenceClassification(MistralPreTrainedModel):
         return res if return_dict is not False else res.to_tuple()
 
     def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(pooled.device)
+        """transformers' mean loss: the shared summed loss (model/losses.py) over the examples it counts."""
         if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        kind = self.config.problem_type
-        if kind == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
-            return F.mse_loss(pooled, labels.to(pooled.dtype))
-        if kind == "single_label_classification":
-            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+            self.config.problem_type = infer_problem_type(self.num_labels, labels)
+        total, n = classification_loss_sum(pooled, labels, self.config.problem_type)
+        return (total / n).to(pooled.dtype)

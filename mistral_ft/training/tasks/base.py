@@ -26,6 +26,7 @@ That hook runs after AMP unscaling and before gradient clipping, so clipping see
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -36,7 +37,9 @@ import torch
 from torch import nn
 
 from mistral_ft.errors import UserError
+from mistral_ft.training.registry import build
 from mistral_ft.training.reliability import check_nonfinite, grad_probe
+from mistral_ft.training.tasks.preference_loss import preference_settings
 
 IGNORE_INDEX = -100
 
@@ -45,31 +48,45 @@ class CheckpointMismatchError(UserError):
     """A checkpoint whose trainable weights do not match this run's (e.g. another peft config)."""
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """What a task module reads from the run config, typed; `from_config` is the one place it is read.
 
-    Warmup is linear and reaches 1 at step `warmup_steps - 1` (so step 0 already moves the weights);
-    "cosine" then decays to `min_lr_ratio` at `total_steps`; "constant" stays at 1.
+    `optimizer` / `scheduler` are those groups as validated (a built-in `name:` or a `_target_` with its
+    keyword arguments), built by `training.registry.build`; `fsdp` holds the strategy group when
+    strategy=fsdp (None otherwise); `preference` is the checked `preference:` node (task=dpo).
     """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fsdp: Optional[Mapping[str, Any]] = None
+    loss_chunk_size: int = 0        # causal LM: tokens per chunk of the fused linear + cross-entropy (0 = plain)
+    skip_nonfinite: bool = False    # a NaN/inf step: skip it instead of stopping
+    preference: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> "TaskSettings":
+        strategy = c.get("strategy") or {}
+        preference = preference_settings(c) if str(c.get("task", "dpo")) == "dpo" else {}
+        return cls(optimizer=dict(c.get("optimizer") or {}), scheduler=dict(c.get("scheduler") or {}),
+                   fsdp=dict(strategy) if strategy.get("name") == "fsdp" else None,
+                   loss_chunk_size=int((c.get("model") or {}).get("loss_chunk_size") or 0),
+                   skip_nonfinite=bool(c.get("skip_nonfinite", False)), preference=preference)
 
 
 class FineTuneTask(L.LightningModule):
     """Base of the task modules; subclasses implement `loss_sum(batch)` and the validation metrics.
 
-    `config` is the whole resolved run config as a plain dict (never an OmegaConf object: checkpoints
-    are read with `torch.load(weights_only=True)`, which refuses those).
+    `settings` is what the module reads; `hparams` (the whole run config, secrets stripped, as a plain
+    dict: checkpoints are read with `torch.load(weights_only=True)`, which refuses OmegaConf objects) is
+    only recorded in every checkpoint, where `resume=` and export compare it with the run folder's.
     """
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         self.model = model
-        self.save_hyperparameters(dict(config))
+        self.settings = settings
+        self.save_hyperparameters(dict(hparams or {}))
         # Checkpoints hold only trainable weights; the frozen base comes from model.path on load.
         self.strict_loading = False
         self._norm: Optional[float] = None  # provisional per-step divisor c (see module docstring)
@@ -91,11 +108,10 @@ class FineTuneTask(L.LightningModule):
     def configure_model(self) -> None:
         """strategy=fsdp: shard the model with FSDP2 (Lightning's ModelParallelStrategy calls this with
         `self.device_mesh` set, after peft was applied); a no-op for the other strategies."""
-        strategy = self.cfg.get("strategy") or {}
-        if strategy.get("name") == "fsdp":
+        if self.settings.fsdp is not None:
             from mistral_ft.distributed.fsdp import shard_task_model
 
-            shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
+            shard_task_model(self, self.device_mesh, self.settings.fsdp, str(self.trainer.precision))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count real tokens on the host, before the batch moves to the device (no sync in the step)."""
@@ -108,10 +124,6 @@ class FineTuneTask(L.LightningModule):
     def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
         """(summed loss over the batch's targets, number of targets, model output)."""
         raise NotImplementedError
-
-    @property
-    def cfg(self) -> dict[str, Any]:
-        return dict(self.hparams)
 
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -203,35 +215,23 @@ class FineTuneTask(L.LightningModule):
 
     # ---- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        opt_cfg = self.cfg["optimizer"]
-        sched_cfg = self.cfg["scheduler"]
+        """The optimizer and schedule groups through `training.registry.build` (a built-in or a `_target_`)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
+        opt = self.settings.optimizer
         # Weight decay on matrices only: decaying norm gains and biases toward 0 hurts (GPT-2/BERT practice).
+        # A `_target_` optimizer without a weight_decay key keeps its own default on every group.
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        # adamw8bit: bitsandbytes' block-wise 8-bit Adam states (Dettmers et al. 2022), 2 bytes per
-        # parameter instead of 8; runs on CPU too (checked with bitsandbytes 0.50).
-        adamw: Any = torch.optim.AdamW
-        if opt_cfg["name"] == "adamw8bit":
-            import bitsandbytes as bnb
-
-            adamw = bnb.optim.AdamW8bit
-        optimizer = adamw(
-            groups, lr=float(opt_cfg["lr"]), betas=tuple(opt_cfg["betas"]), eps=float(opt_cfg["eps"])
-        )
+        wd = {"weight_decay": float(opt["weight_decay"])} if "weight_decay" in opt else {}
+        groups = [g for g in ({"params": decay, **wd}, {"params": no_decay, **({"weight_decay": 0.0} if wd else {})})
+                  if g["params"]]
+        optimizer = build("optimizer", opt, groups)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
             self.trainer.estimated_stepping_batches
         )
-        warmup, kind, min_ratio = int(sched_cfg["warmup_steps"]), str(sched_cfg["name"]), float(sched_cfg["min_lr_ratio"])
-
-        def factor(step: int) -> float:
-            return lr_factor(step, warmup_steps=warmup, total_steps=total, kind=kind, min_lr_ratio=min_ratio)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = build("scheduler", self.settings.scheduler, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------

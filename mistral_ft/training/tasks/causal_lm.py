@@ -33,7 +33,7 @@ class CausalLMTask(FineTuneTask):
     def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
         labels = batch["labels"]
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}  # packed rows
-        chunk = int((self.cfg.get("model") or {}).get("loss_chunk_size") or 0)
+        chunk = self.settings.loss_chunk_size
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
