@@ -28,10 +28,21 @@ def _packed_batch(seed: int = 0) -> dict:
     return Collator(pad_token_id=0, pad_to_multiple_of=8)(rows)
 
 
+def _padded_batch() -> dict:
+    """Rows of different lengths, one example each (right padding, no documents): the dense-mask SDPA path."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for n in (13, 6, 9):
+        ids = torch.randint(5, TINY["vocab_size"], (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return Collator(pad_token_id=0)(rows)
+
+
 def _forward_backward(model, batch, **extra):
     model.zero_grad()
+    packed = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                position_ids=batch["position_ids"], document_ids=batch["document_ids"], loss_reduction="sum", **extra)
+                loss_reduction="sum", **packed, **extra)
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -108,11 +119,11 @@ def test_lm_head_on_collator_targets_equals_the_full_logits_loss():
             assert (g_sel[name] - g).abs().max() < 1e-6 * max(1.0, g.abs().max().item()), name
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_no_host_read_per_layer(impl):
-    """Host reads (device syncs on CUDA) in a packed forward + backward do not grow with the layer count: the
-    masks, varlen segments and target positions are made once per batch. Those left are CPU-only checks."""
-    batch = _packed_batch()
+@pytest.mark.parametrize("impl,rows", [("sdpa", "packed"), ("eager", "packed"), ("sdpa", "padded")])
+def test_no_host_read_per_layer(impl, rows):
+    """Host reads (device syncs on CUDA) in a forward + backward do not grow with the layer count: the masks,
+    varlen segments and target positions are made once per batch. Those left are CPU-only checks."""
+    batch = _packed_batch() if rows == "packed" else _padded_batch()
     counts = {}
     for layers in (2, 6):
         model = make_ours(MistralForCausalLM, num_hidden_layers=layers, attn_implementation=impl).train()
