@@ -1,4 +1,5 @@
-"""Which attention backend a run uses: the `auto` choice per device (the backends live in modeling.py)."""
+"""Which attention backend a run uses (the `auto` choice per device; the backends live in modeling.py), and
+the per-batch attention metadata that the collator computes on the host: varlen segments, target positions."""
 
 from __future__ import annotations
 

@@ -666,10 +666,11 @@ class MistralModel(MistralPreTrainedModel):
         segments = None
         if (impl == "flash_attention_2" and not output_attentions and
                 (new_valid is not None or document_ids is not None or cu_seq_lens is not None)) or per_document:
-            if cu_seq_lens is None or on_host:
-                cu, longest = varlen_segments(new_valid, document_ids) if (
-                    new_valid is not None or document_ids is not None) else (
-                    torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device), T)
+            if cu_seq_lens is None or on_host:  # made here when not given; on the host also a free check
+                if new_valid is None and document_ids is None:  # one segment per row
+                    cu, longest = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device), T
+                else:
+                    cu, longest = varlen_segments(new_valid, document_ids)
                 if cu_seq_lens is not None and not (torch.equal(cu_seq_lens.cpu().to(torch.int32), cu)
                                                     and max_seq_len == longest):
                     raise ValueError("cu_seq_lens / max_seq_len do not match attention_mask and document_ids "
@@ -682,8 +683,7 @@ class MistralModel(MistralPreTrainedModel):
         for W in windows:
             need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
             # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
-            need_mask = need_mask and (impl in ("sdpa", "eager") or output_attentions) and not (
-                per_document and impl == "sdpa")
+            need_mask = need_mask and (impl in ("sdpa", "eager") or output_attentions) and not per_document
             mask = None
             if need_mask:
                 idx = torch.arange(T, device=device)
