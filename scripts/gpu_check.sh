@@ -11,7 +11,7 @@
 #
 # Options: --out DIR (default $OUT if set, else gpu_check_out), --layers N (bench decoder layers, default 32),
 #          --skip-tests, --skip-bench, --python PY (default: $PYTHON, else python3). Stage limits (seconds):
-#          GPU_CHECK_TEST_TIMEOUT (150), GPU_CHECK_BENCH_TIMEOUT (170).
+#          GPU_CHECK_TEST_TIMEOUT (130), GPU_CHECK_BENCH_TIMEOUT (200); the 16-layer retry of a failed bench adds up to 120.
 # Exit status: 0 when every stage that ran passed, 1 when a stage failed, 2 for a bad argument.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,9 +105,9 @@ if [ "$dry" = 1 ]; then echo "+ report packages > $packages_report"; else report
 # ---- 2. tests marked gpu -----------------------------------------------------------------------------
 if [ "$tests" = 1 ]; then
   log="$OUT_DIR/gpu_tests.log"
-  echo "+ $PY -m pytest -q -m gpu tests/gpu -rs  (limit ${GPU_CHECK_TEST_TIMEOUT:-150} s) > $log"
+  echo "+ $PY -m pytest -q -m gpu tests/gpu -rs  (limit ${GPU_CHECK_TEST_TIMEOUT:-130} s) > $log"
   if [ "$dry" = 0 ]; then
-    timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$PY" -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider >"$log" 2>&1
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-130}" "$PY" -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider >"$log" 2>&1
     rc=$?
     tail -n 40 "$log"  # pytest's -rs lines list each skipped test's reason ('not run: ...')
     if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then echo "gpu tests: FAILED (exit $rc, see $log)"; status=1; fi
@@ -119,9 +119,9 @@ if [ "$bench" = 1 ]; then
   args=(--out "$OUT_DIR/gpu_bench.json" --md "$OUT_DIR/gpu_bench.md")
   if [ "$mode" = cpu ]; then args+=(--device cpu --steps 1 --warmup 0); else args+=(--device cuda); fi
   [ -n "$layers" ] && args+=(--layers "$layers")
-  echo "+ $PY scripts/gpu_bench.py ${args[*]}  (limit ${GPU_CHECK_BENCH_TIMEOUT:-170} s)"
+  echo "+ $PY scripts/gpu_bench.py ${args[*]}  (limit ${GPU_CHECK_BENCH_TIMEOUT:-200} s)"
   if [ "$dry" = 0 ]; then
-    timeout "${GPU_CHECK_BENCH_TIMEOUT:-170}" "$PY" scripts/gpu_bench.py "${args[@]}"
+    timeout "${GPU_CHECK_BENCH_TIMEOUT:-200}" "$PY" scripts/gpu_bench.py "${args[@]}"
     rc=$?
     if [ $rc -ne 0 ] && [ "$mode" = gpu ] && [ -z "$layers" ]; then
       echo "benchmark at 32 layers failed (exit $rc): again at 16 layers (stated in the JSON's setup.layers)"
