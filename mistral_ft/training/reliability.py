@@ -159,16 +159,26 @@ class RngStates(Callback):
 def grad_probe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
     """0.0 when every gradient is finite, NaN otherwise, as a device tensor (no host sync).
 
-    0 * sum(grad) is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
+    0 * max|grad| is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
     all-reduce the step already does, it costs a pass over the gradients (clipping does the same) and
     no extra host sync.
     """
-    # FSDP2 grads are DTensors: probe the local shard (a DTensor sum cannot join the plain all-reduce below)
-    sums = [getattr(p.grad, "_local_tensor", p.grad).detach().sum().float()
-            for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not sums:
+    grads = trainable_grads(optimizer)
+    if not grads:
         return torch.zeros((), device=device)
-    return torch.stack([s.to(device) for s in sums]).sum() * 0.0
+    # one fused max-|g| per tensor (a multi-tensor kernel on CUDA, not one reduction launch per gradient);
+    # the max norm is inf/NaN exactly when a value is, and cannot overflow as a sum of squares could
+    peaks = torch._foreach_norm(grads, ord=float("inf"), dtype=torch.float32)
+    if any(p.device != device for p in peaks):  # CPU-offloaded grads: gather the few scalars first
+        peaks = [p.to(device) for p in peaks]
+    return torch.stack(peaks).sum() * 0.0
+
+
+def trainable_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's gradients as plain tensors (FSDP2's DTensor grads: their local shards, which are what a
+    probe or an in-place rescale needs, and which a plain all-reduce can join)."""
+    return [getattr(p.grad, "_local_tensor", p.grad) for g in optimizer.param_groups for p in g["params"]
+            if p.grad is not None]
 
 
 def check_nonfinite(module: Any, optimizer: torch.optim.Optimizer, step_loss: float, local_loss: torch.Tensor) -> bool:

@@ -89,6 +89,10 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
     data_cfg = dict(c["data"])
+    if use_cuda and data_cfg.get("pad_to_multiple_of") is None:
+        # bucketed lengths on CUDA: few distinct shapes (FlexAttention and torch.compile recompile per shape;
+        # tensor cores like multiples of 128); unset stays unset on CPU, where padding is pure extra work
+        data_cfg["pad_to_multiple_of"] = 128
     batch_size = int(data_cfg.pop("batch_size"))
     eval_batch_size = data_cfg.pop("eval_batch_size", None)
     task = str(c["task"])

@@ -38,10 +38,19 @@ from torch import nn
 
 from mistral_ft.errors import UserError
 from mistral_ft.training.registry import build
-from mistral_ft.training.reliability import check_nonfinite, grad_probe
+from mistral_ft.training.reliability import check_nonfinite, grad_probe, trainable_grads
 from mistral_ft.training.tasks.preference_loss import preference_settings
 
 IGNORE_INDEX = -100
+
+
+def host_to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float32 device tensor without a stream sync: through pinned memory on CUDA
+    (``torch.tensor(x, device="cuda")`` copies from pageable memory and waits for the stream)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class CheckpointMismatchError(UserError):
@@ -129,8 +138,11 @@ class FineTuneTask(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_targets, _ = self.loss_sum(batch)
         if self._norm is None:  # first micro-batch of an optimizer step
-            first = torch.tensor(float(n_targets), device=loss_sum.device)
-            self._norm = max(1.0, float(self.trainer.strategy.reduce(first, reduce_op="mean")))
+            if self.trainer.world_size == 1:
+                self._norm = max(1.0, float(n_targets))  # a host int: no device work at all
+            else:  # averaged over ranks: a collective on a device tensor, never read back on the host here
+                first = host_to_device([float(n_targets)], loss_sum.device)[0]
+                self._norm = self.trainer.strategy.reduce(first, reduce_op="mean").clamp(min=1.0)
         self._acc_loss = self._acc_loss.to(loss_sum.device) + loss_sum.detach().float()
         self._acc_targets += n_targets
         n_tokens = batch.get("num_tokens")  # counted on the host (on_before_batch_transfer): no sync
@@ -146,19 +158,20 @@ class FineTuneTask(L.LightningModule):
         if self._norm is None:  # no training_step since the last optimizer step (should not happen)
             return
         device = self._acc_loss.device
-        strategy = self.trainer.strategy
-        n_total = float(strategy.reduce(torch.tensor(float(self._acc_targets), device=device), reduce_op="sum"))
-        # + 0 or NaN when a gradient is not finite: the non-finite check rides on this one sync
+        # + 0 or NaN when a gradient is not finite: the non-finite check rides on the step's one host read
         probe = grad_probe(optimizer, device)
-        loss_total = float(strategy.reduce(self._acc_loss.clone() + probe, reduce_op="sum"))
+        if self.trainer.world_size == 1:
+            loss_total, n_total, norm = float(self._acc_loss + probe), float(self._acc_targets), float(self._norm)
+        else:  # one all-reduce of (loss + probe, targets), then one host read of it and the divisor c
+            local = torch.stack([self._acc_loss + probe, host_to_device([float(self._acc_targets)], device)[0]])
+            total = self.trainer.strategy.reduce(local, reduce_op="sum")
+            loss_total, n_total, norm = torch.cat([total.double(), self._norm.double().reshape(1)]).tolist()
         if not math.isfinite(loss_total) and check_nonfinite(self, optimizer, loss_total / max(n_total, 1.0), self._acc_loss):
             self._norm, self._acc_loss, self._acc_targets = None, torch.zeros((), device=device), 0
             return  # skipped (skip_nonfinite=true): no gradients, no update; otherwise it raised
-        scale = self._norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        scale = norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
+        # one fused multiply over all gradients (FSDP2's DTensor grads: their local shards), not a Python loop
+        torch._foreach_mul_(trainable_grads(optimizer), scale)
         step_loss = loss_total / max(n_total, 1.0)
         self.loss_history.append((int(self.global_step), step_loss))
         self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
