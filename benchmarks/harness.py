@@ -101,8 +101,9 @@ class Worker:
 # ---- parent side ------------------------------------------------------------------------------------
 def run(config: str = "cpu-small", systems: tuple[str, ...] = DEFAULT_SYSTEMS, rounds: int | None = None,
         steps: int | None = None, warmup: int | None = None, threads: int = 1, seed: int = 0,
-        loss_chunk_size: int = 2048, log=print) -> dict[str, Any]:
-    """Run the suite; returns the result dict (what --json writes)."""
+        loss_chunk_size: int = 2048, cli_args: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+    """Run the suite; returns the result dict (what --json writes). `cli_args`: extra CLI overrides (e.g.
+    trainer.enable_progress_bar=false, to measure what a setting costs)."""
     preset = dict(PRESETS[config])
     rounds = preset["rounds"] if rounds is None else rounds
     steps = preset["steps"] if steps is None else steps
@@ -123,7 +124,8 @@ def run(config: str = "cpu-small", systems: tuple[str, ...] = DEFAULT_SYSTEMS, r
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
         workers = {s: Worker(s, spec_path, threads) for s in systems if s in STEP_SYSTEMS}
-        cli = OursCLI(spec, cli_overrides(workdir, preset, n_steps, workdir / "run")) if OursCLI.name in systems else None
+        overrides = cli_overrides(workdir, preset, n_steps, workdir / "run") + list(cli_args)
+        cli = OursCLI(spec, overrides) if OursCLI.name in systems else None
         results: dict[str, dict[str, Any]] = {s: {"rounds": [], "times": []} for s in systems}
         try:
             for s, w in workers.items():  # one at a time: start-up would otherwise compete with the others
@@ -154,8 +156,11 @@ def run(config: str = "cpu-small", systems: tuple[str, ...] = DEFAULT_SYSTEMS, r
         finally:
             for w in workers.values():
                 w.close()
-    return summarize(config, preset, plan["steps"], timed, systems, results, load, threads, rounds,
-                     time.perf_counter() - t_start)
+    res = summarize(config, preset, plan["steps"], timed, systems, results, load, threads, rounds,
+                    time.perf_counter() - t_start)
+    res["cli_command"] = "python -m mistral_ft.train " + " ".join(o for o in overrides if "hydra.run.dir" not in o) \
+        if cli else None
+    return res
 
 
 def summarize(config: str, preset: dict[str, Any], plan: list[dict], timed: list[int], systems: tuple[str, ...],

@@ -215,4 +215,6 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def repo_path() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    """PYTHONPATH for a child process: this checkout first (benchmarks/ and mistral_ft/), then the caller's."""
+    here = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([here, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])

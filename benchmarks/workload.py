@@ -61,12 +61,14 @@ def make_rows(n: int, median_words: int, seed: int) -> list[dict[str, str]]:
 
 def cli_overrides(workdir: Path, preset: dict[str, Any], max_steps: int, run_dir: Path) -> list[str]:
     """The CLI's command line: LoRA r16 on all linear layers, packing on, plain AdamW at a constant lr (what the
-    model-level systems do), no validation, no checkpoint inside the timed steps, no adapter export."""
+    model-level systems do), no validation, no checkpoint inside the timed steps, no adapter export. Everything
+    else (loss path, progress bar, logging cadence, loader) is the CLI's default, as a user gets it."""
     return [
         "recipe=instruct_lora", "model=tiny", f"model.path={workdir / 'model'}",
         "data=jsonl", f"data.train_file={workdir / 'train.jsonl'}", "data.format=alpaca", "data.pack=true",
         f"data.max_length={preset['seq_len']}", f"data.batch_size={preset['micro_batch']}",
         f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
+        "peft.target_modules=[" + ",".join(LORA["target_modules"]) + "]",  # specialize/*_tiny adds lm_head
         f"optimizer.lr={LR}", "optimizer.weight_decay=0.0", "scheduler=constant", "scheduler.warmup_steps=0",
         f"trainer.max_steps={max_steps}", "trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=null",
         "trainer.val_check_interval=1000000", f"checkpoint.every_n_train_steps={max_steps + 1000}",
