@@ -140,6 +140,8 @@ def run(config: str = "cpu-small", systems: tuple[str, ...] = DEFAULT_SYSTEMS, r
                         out = cli.run(r)
                         times = out["times"][warmup:n_steps]
                         results[s].setdefault("startup_s", []).append(out["startup_s"])
+                        results[s].setdefault("warmup_steps_s", []).append(sum(out["times"][:warmup]))
+                        results[s].setdefault("step_times_s", []).append(out["times"])
                         results[s].setdefault("peak_rss_mb", []).append(out["peak_rss_mb"])
                         results[s]["first_loss"] = out["losses"][0]
                         if len(times) != len(timed):
@@ -183,6 +185,8 @@ def summarize(config: str, preset: dict[str, Any], plan: list[dict], timed: list
             entry["positions_per_step"] = statistics.fmean(res["ready"]["positions"][i] for i in timed)
         if "startup_s" in res:
             entry["startup_s"] = {"median": statistics.median(res["startup_s"]), "rounds": res["startup_s"]}
+            entry["warmup_steps_s"] = {"median": statistics.median(res["warmup_steps_s"]), "rounds": res["warmup_steps_s"]}
+            entry["step_times_s_by_round"] = res["step_times_s"]  # every step of every run, warm-up included
         out_systems[s] = entry
     ratios = {}
     for ref in (REFERENCE, "ours_model"):
