@@ -39,6 +39,8 @@ def test_every_system_gets_the_steps_examples(tmp_path):
         assert packed == [t for e in step["examples"] for t in e["input_ids"]]
         (f,) = flat.layout(step)
         assert f["input_ids"][0].tolist() == packed
+        # positions restart per example: transformers then attends within each example only
+        assert f["position_ids"][0].tolist() == [i for e in step["examples"] for i in range(len(e["input_ids"]))]
         assert int((f["labels"][0, 1:] != -100).sum()) == step["targets"]  # same targets, no cross-example ones
         micros = padded.layout(step)
         assert sum(m["input_ids"].shape[0] for m in micros) == len(step["examples"])
