@@ -87,11 +87,17 @@ class OursModel(StepSystem):
         return apply_peft(model, {"method": "lora", **LORA}, task="causal_lm")
 
     def layout(self, step: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{k: self.torch.tensor(v) for k, v in step["ours"].items()}]
+        # the CLI's batch as its collator made it (host-side metadata such as max_seq_len stays a python int)
+        dtypes = step["ours_dtypes"]
+        return [{k: self.torch.tensor(v, dtype=getattr(self.torch, dtypes[k])) if k in dtypes else v
+                 for k, v in step["ours"].items()}]
 
     def loss(self, micro: dict[str, Any], n_targets: int) -> Any:
-        out = self.model(**micro, loss_reduction="sum", loss_chunk_size=int(self.spec["loss_chunk_size"]),
-                         return_logits=False)
+        # what tasks/causal_lm.py hands the model (the collator's other keys are the task's own counts)
+        keys = ("input_ids", "attention_mask", "labels", "position_ids", "document_ids", "cu_seq_lens", "max_seq_len",
+                "target_index")
+        out = self.model(**{k: micro[k] for k in keys if k in micro}, loss_reduction="sum",
+                         loss_chunk_size=int(self.spec["loss_chunk_size"]), return_logits=False)
         return out.loss / n_targets
 
 

@@ -101,7 +101,9 @@ def prepare(workdir: Path, preset: dict[str, Any], n_steps: int, seed: int = 0) 
     for batch in dm.train_dataloader():
         if len(steps) == n_steps:
             break
-        steps.append(step_from_batch({k: v.tolist() for k, v in batch.items()}))
+        step = step_from_batch({k: v.tolist() if hasattr(v, "tolist") else v for k, v in batch.items()})
+        step["ours_dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in batch.items() if hasattr(v, "dtype")}
+        steps.append(step)
     if len(steps) < n_steps:
         raise RuntimeError(f"benchmark data gave {len(steps)} steps, {n_steps} needed (make more rows)")
     return {"steps": steps, "config": {k: v for k, v in c.items() if k != "_choices"}}
