@@ -18,11 +18,35 @@ from mistral_ft.errors import ConfigError
 from mistral_ft.model.hub import local_model_folder
 from mistral_ft.runs import newest_checkpoint, resolve_model_path, resolve_resume
 from mistral_ft.training.registry import resolve_precision
-from mistral_ft.training.schema import DATA_LOADER_KEYS, Sources, mask_secret, validate_config
+from mistral_ft.training.schema import DATA_LOADER_KEYS, MANAGED_TRAINER_KEYS, Sources, mask_secret, validate_config
 
 log = logging.getLogger("mistral_ft.train")
 
 CONFIG_NAME = "config"
+
+
+def register_trainer_arguments() -> None:
+    """The config `trainer/lightning`: every Lightning Trainer argument at Lightning's own default.
+
+    conf/trainer/default.yaml starts from it (`defaults: [lightning, _self_]`), so `trainer.X=V` is a
+    plain Hydra override of a declared key for any argument of the installed Lightning, and `--cfg job`
+    lists them all, as LightningCLI's `--print_config` does. Read from Trainer's signature rather than
+    written out, so it matches whichever Lightning is installed. Registered when this module is imported
+    (Hydra's ConfigStore is filled at import time); the arguments we build ourselves are left out.
+    """
+    import inspect
+
+    from hydra.core.config_store import ConfigStore
+    from lightning.pytorch import Trainer
+
+    node = {name: p.default for name, p in inspect.signature(Trainer.__init__).parameters.items()
+            if name != "self" and name not in MANAGED_TRAINER_KEYS
+            and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+    ConfigStore.instance().store(group="trainer", name="lightning", node=node,
+                                 provider="mistral_ft (lightning.pytorch.Trainer's arguments)")
+
+
+register_trainer_arguments()
 
 
 def config_dir() -> Path:
@@ -52,7 +76,7 @@ def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import initialize_config_dir
 
-    overrides = trainer_overrides(resume_overrides(list(overrides)))
+    overrides = resume_overrides(list(overrides))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="train"):
         hydra = GlobalHydra.instance().hydra
@@ -62,13 +86,13 @@ def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
         return plain
 
 
-def compose_validated(hydra: Any, overrides: list[str]) -> Any:
+def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFIG_NAME) -> Any:
     """Compose one config (RUN mode) and validate it; Hydra's errors become ConfigError."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from hydra.types import RunMode
 
     try:
-        cfg = hydra.compose_config(CONFIG_NAME, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+        cfg = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
     except MissingConfigException as err:
         text = _hydra_text(err).split("\nConfig search path", 1)[0]
         raise ConfigError(text.replace("\n\t", " ").replace("\n", "; ")) from None
@@ -77,7 +101,7 @@ def compose_validated(hydra: Any, overrides: list[str]) -> Any:
     except ConfigCompositionException as err:
         raise ConfigError(_explain_composition_error(hydra, overrides, err)) from None
     choices = dict(cfg.hydra.runtime.choices)
-    plain = to_plain(cfg)
+    plain = fill_removed_groups(to_plain(cfg), choices)
     validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
     if plain["model"].get("path"):
         resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
@@ -161,19 +185,6 @@ def without_hydra(cfg: Any) -> Any:
     return cfg
 
 
-def sweep_points(overrides: list[str]) -> list[list[str]]:
-    """Every combination of a `-m` sweep, as plain override lists (what Hydra's BasicSweeper runs)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot parse the command line: {err}") from None
-    return BasicSweeper.split_arguments(parsed, None)[0]
-
-
 def refuse_multiprocess_sweep(cfg: Any) -> None:
     """Lightning launches DDP children by replaying sys.argv: each child would re-run the whole sweep.
 
@@ -191,25 +202,81 @@ def refuse_multiprocess_sweep(cfg: Any) -> None:
         )
 
 
-def trainer_overrides(overrides: list[str]) -> list[str]:
-    """`trainer.X=V` for any Lightning Trainer argument X, even one the trainer group does not list.
+def fill_removed_groups(plain: dict[str, Any], choices: Any) -> dict[str, Any]:
+    """`~scheduler` (Hydra's delete): no schedule, the learning rate stays optimizer.lr.
 
-    Hydra refuses new keys without a `+`; users should not need to know which Trainer arguments our
-    YAML happens to spell out, so those become `++trainer.X=V` (add or override). Other keys are left
-    alone, so a typo still fails (with the valid keys listed).
+    Exactly what scheduler=constant with warmup_steps=0 does; the values a recipe sets for the removed
+    group (warmup_steps, ...) go with it, and the log says so.
     """
-    import inspect
+    if "scheduler" in choices and choices.get("scheduler") is None:
+        dropped = sorted(k for k in (plain.get("scheduler") or {}) if k != "name")
+        plain["scheduler"] = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}
+        log.info("~scheduler: no learning-rate schedule (a constant optimizer.lr)%s",
+                 f"; the recipe's scheduler.{{{','.join(dropped)}}} is not used" if dropped else "")
+    return plain
 
-    from lightning.pytorch import Trainer
 
-    valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
-    out = []
-    for ov in overrides:
-        key, sep, value = ov.partition("=")
-        if sep and key.startswith("trainer.") and key.count(".") == 1 and key.split(".", 1)[1] in valid:
-            ov = f"++{key}={value}"
-        out.append(ov)
-    return out
+def own_group_values(hydra: Any, overrides: Sequence[str], config_name: str = CONFIG_NAME) -> list[str]:
+    """The values of a group option of the user's own (found through hydra.searchpath or -cd, not in our
+    conf/) as overrides, so they win over what our recipe and specialize/ layers set for the same keys.
+
+    Hydra applies the primary config's later entries (recipe, then specialize/<recipe>_<model>) over any
+    group option: `data=my_data` with `max_length: 64` would silently train at the recipe's 2048 (or the
+    tiny model's 128). Each value that changes because of this is logged; a key the user also sets on the
+    command line is left to the command line.
+    """
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    user_choices = [(k, v) for k, sep, v in (o.partition("=") for o in overrides)
+                    if sep and "." not in k and "/" not in k and not k.startswith(("~", "+"))
+                    and k not in ("recipe", "specialize") and "," not in v]
+    if not user_choices:
+        return []
+    try:
+        final = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.RUN, with_log_configuration=False)
+    except Exception:  # noqa: BLE001 - compose_validated reports the composition error itself
+        return []
+    choices = dict(final.hydra.runtime.choices)
+    special = choices.get("specialize")
+    special_cfg = hydra.compose_config(f"specialize/{special}", [], run_mode=RunMode.RUN,
+                                       with_log_configuration=False) \
+        if special and (config_dir() / "specialize" / f"{special}.yaml").is_file() else None
+    pinned: list[str] = []
+    for group, option in user_choices:
+        if choices.get(group) != option or (config_dir() / group / f"{option}.yaml").is_file():
+            continue  # not a group, or one of our options (those keep Hydra's order)
+        own = hydra.compose_config(f"{group}/{option}", [], run_mode=RunMode.RUN, with_log_configuration=False)
+        node = OmegaConf.select(own, group)
+        if node is None:
+            continue
+        for key, value in _leaves(OmegaConf.to_container(node, resolve=False), group):
+            if key in typed or (isinstance(value, str) and ("${" in value or value == "???")):
+                continue
+            now = OmegaConf.select(final, key, throw_on_missing=False)
+            if now != value:
+                layer = f"specialize/{special}.yaml" if special_cfg is not None and \
+                    OmegaConf.select(special_cfg, key, default=None) is not None else f"recipe={choices.get('recipe')}"
+                log.warning("%s: keeping %r from your %s=%s over %r from %s (a value on the command line wins "
+                            "over both)", key, value, group, option, now, layer)
+            pinned.append(f"{key}={_override_text(value)}")
+    return pinned
+
+
+def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}.{k}")]
+    return [(prefix, node)]
+
+
+def _override_text(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back (strings quoted, lists as JSON-like lists)."""
+    import json
+
+    if isinstance(value, str):
+        return _quote(value)
+    return json.dumps(value)
 
 
 def _override_value(overrides: Sequence[str], key: str) -> Optional[str]:
