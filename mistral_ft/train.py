@@ -31,10 +31,10 @@ from typing import Any, Optional
 from mistral_ft.cli import run_cli, user_message
 from mistral_ft.errors import TrainingStopped
 from mistral_ft.training.compose import (
-    CONFIG_NAME, compose_validated, fetch_hub_model, fill_removed_groups, own_group_values, refuse_multiprocess_sweep,
-    resume_overrides, to_plain,
+    CONFIG_NAME, RecipeFiles, compose_validated, fetch_hub_model, fill_removed_groups, make_hydra, own_group_values,
+    refuse_multiprocess_sweep, resume_overrides, to_plain,
 )
-from mistral_ft.training.hydra_app import PRINT_FLAGS, RecipeFiles, make_hydra, parse_args, show, sweep_points
+from mistral_ft.training.hydra_app import parse_args, print_flags, sweep_points
 from mistral_ft.training.run import run_training
 
 log = logging.getLogger("mistral_ft.train")
@@ -63,16 +63,15 @@ def _main(args: list[str]) -> int:
     from hydra.types import RunMode
 
     ns = parse_args(args)
+    printed = print_flags(ns, __file__, "train")
+    if printed is not None:
+        return printed
     recipes = RecipeFiles()
     try:
         typed = resume_overrides(list(ns.overrides))  # what the user wrote (and what resume= replays)
         overrides = recipes.rewrite(typed)
         hydra = make_hydra(ns, __file__, "train", recipes)
         config_name = ns.config_name or CONFIG_NAME
-        if any(getattr(ns, flag) not in (None, False) for flag in PRINT_FLAGS):
-            if ns.cfg is not None:  # a typo is the same one paragraph as for a run
-                compose_validated(hydra, overrides, config_name)
-            return show(hydra, ns, config_name, overrides)
         multirun = ns.multirun or hydra.get_mode(config_name=config_name, overrides=overrides) == RunMode.MULTIRUN
         points = sweep_points(overrides, hydra) if multirun else [overrides]
         pinned = own_group_values(hydra, points[0], config_name)  # the user's own group option wins

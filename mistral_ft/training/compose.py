@@ -8,6 +8,9 @@ tests and tools (`validate`).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -71,19 +74,88 @@ def available(group: str) -> list[str]:
 def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
     """The validated config that `main(overrides)` would train with, as a plain dict (no run).
 
-    For tests and tools: every recipe / group option can be checked without starting anything.
+    For tests and tools (validate): every recipe / group option can be checked without starting anything.
     """
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import initialize_config_dir
-
-    overrides = resume_overrides(list(overrides))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="train"):
-        hydra = GlobalHydra.instance().hydra
-        cfg = compose_validated(hydra, overrides)
-        plain = to_plain(cfg)
+    recipes = RecipeFiles()
+    try:
+        typed = resume_overrides(list(overrides))
+        internal = recipes.rewrite(typed)
+        hydra = make_hydra(None, str(config_dir().parent / "train.py"), "train", recipes)
+        cfg = compose_validated(hydra, internal + own_group_values(hydra, internal))
+        plain = fill_removed_groups(to_plain(cfg), cfg.hydra.runtime.choices)
         plain["_choices"] = dict(cfg.hydra.runtime.choices)
         return plain
+    finally:
+        recipes.close()
+
+
+class RecipeFiles:
+    """`recipe=/path/my_sft.yaml` (or a relative path): a recipe file outside our tree.
+
+    Hydra finds a group option only as `<search path>/recipe/<name>.yaml`, so the file is linked into a
+    temporary search-path folder as `recipe/<stem>.yaml`, ahead of ours (a file named like one of our
+    recipes is the one the user meant). `typed` maps the internal `recipe=<stem>` back to what the user
+    wrote, with the path made absolute, so overrides.yaml (what `resume=` replays) works from any folder.
+    """
+
+    def __init__(self) -> None:
+        self.folder: Optional[Path] = None
+        self.typed: dict[str, str] = {}
+
+    def rewrite(self, overrides: list[str]) -> list[str]:
+        out = []
+        for ov in overrides:
+            key, sep, value = ov.partition("=")
+            if key.lstrip("+") == "recipe" and sep and _is_path(value):
+                ov = self._link(key, value)
+            out.append(ov)
+        return out
+
+    def _link(self, key: str, value: str) -> str:
+        path = Path(value.strip("'\"")).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"recipe={value}: no such file ({path}); a recipe is a name from recipes/ or a .yaml file")
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="mistral_ft_recipe_"))
+            (self.folder / "recipe").mkdir()
+        link = self.folder / "recipe" / f"{path.stem}.yaml"
+        if link.exists() and link.resolve() != path:
+            raise ConfigError(f"recipe={value}: two recipe files named {path.name} on one command line")
+        if not link.exists():
+            link.symlink_to(path)
+        internal = f"{key}={path.stem}"
+        self.typed[internal] = f"{key}={path}"
+        return internal
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _is_path(value: str) -> bool:
+    value = value.strip("'\"")
+    return value.endswith((".yaml", ".yml")) or os.sep in value or value.startswith(("~", "."))
+
+
+def make_hydra(args: Any, calling_file: str, task_name: str, recipes: RecipeFiles) -> Any:
+    """The `Hydra` object `@hydra.main(config_path="conf")` in `calling_file` would make, honouring
+    -cp (config_path), -cd (an extra config folder, searched first) and our recipe files."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    search_path = create_automatic_config_search_path(calling_file, None, getattr(args, "config_path", None) or "conf")
+    if getattr(args, "config_dir", None) is not None:
+        conf_dir = os.path.abspath(args.config_dir)
+        if not os.path.isdir(conf_dir):
+            raise ConfigError(f"-cd/--config-dir {args.config_dir}: no such folder ({conf_dir})")
+        search_path.prepend(provider="command-line", path=f"file://{conf_dir}", anchor=SearchPathQuery(provider="schema"))
+    if recipes.folder is not None:
+        search_path.prepend(provider="mistral_ft-recipe-file", path=f"file://{recipes.folder}",
+                            anchor=SearchPathQuery(provider="main"))
+    GlobalHydra.instance().clear()
+    return Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path)
 
 
 def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFIG_NAME) -> Any:
@@ -208,7 +280,7 @@ def fill_removed_groups(plain: dict[str, Any], choices: Any) -> dict[str, Any]:
     Exactly what scheduler=constant with warmup_steps=0 does; the values a recipe sets for the removed
     group (warmup_steps, ...) go with it, and the log says so.
     """
-    if "scheduler" in choices and choices.get("scheduler") is None:
+    if choices.get("scheduler") is None and "name" not in (plain.get("scheduler") or {}):
         dropped = sorted(k for k in (plain.get("scheduler") or {}) if k != "name")
         plain["scheduler"] = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}
         log.info("~scheduler: no learning-rate schedule (a constant optimizer.lr)%s",
@@ -247,11 +319,14 @@ def own_group_values(hydra: Any, overrides: Sequence[str], config_name: str = CO
     for group, option in user_choices:
         if choices.get(group) != option or (config_dir() / group / f"{option}.yaml").is_file():
             continue  # not a group, or one of our options (those keep Hydra's order)
-        own = hydra.compose_config(f"{group}/{option}", [], run_mode=RunMode.RUN, with_log_configuration=False)
-        node = OmegaConf.select(own, group)
-        if node is None:
+        own_file = _find_option_file(hydra, list(final.hydra.searchpath), group, option)
+        if own_file is None:
             continue
-        for key, value in _leaves(OmegaConf.to_container(node, resolve=False), group):
+        node = OmegaConf.to_container(OmegaConf.load(own_file), resolve=False)
+        if not isinstance(node, dict):
+            continue
+        node.pop("defaults", None)
+        for key, value in _leaves(node, group):
             if key in typed or (isinstance(value, str) and ("${" in value or value == "???")):
                 continue
             now = OmegaConf.select(final, key, throw_on_missing=False)
@@ -262,6 +337,18 @@ def own_group_values(hydra: Any, overrides: Sequence[str], config_name: str = CO
                             "over both)", key, value, group, option, now, layer)
             pinned.append(f"{key}={_override_text(value)}")
     return pinned
+
+
+def _find_option_file(hydra: Any, searchpath: list[str], group: str, option: str) -> Optional[Path]:
+    """`<folder>/<group>/<option>.yaml` in a file:// folder of the search path (-cd, hydra.searchpath)."""
+    entries = [e.path for e in hydra.config_loader.get_search_path().get_path()] + [str(p) for p in searchpath]
+    for entry in entries:
+        if "://" in entry and not entry.startswith("file://"):
+            continue  # pkg:// and structured:// hold our own or Hydra's configs
+        path = Path(entry.removeprefix("file://")) / group / f"{option}.yaml"
+        if path.is_file():
+            return path
+    return None
 
 
 def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 from mistral_ft.errors import ConfigError
+from mistral_ft.training.compose import (
+    CONFIG_NAME, RecipeFiles, compose_validated, make_hydra, own_group_values, resume_overrides,
+)
 
 # The flags that print something and exit; Hydra runs the job only without any of them.
 PRINT_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
-# --help and --hydra-help compose a config to show it; without a recipe= they show this one.
+# --help composes the config to show it; without a recipe= it shows this one.
 HELP_RECIPE = "instruct_lora"
 
 
@@ -52,73 +51,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return ns
 
 
-class RecipeFiles:
-    """`recipe=/path/my_sft.yaml` (or a relative path): a recipe file outside our tree.
+def print_flags(ns: argparse.Namespace, calling_file: str, task_name: str) -> Optional[int]:
+    """The exit status of a print-and-exit flag (--help, --cfg, --info, ...), or None when none is given.
 
-    Hydra finds a group option only as `<search path>/recipe/<name>.yaml`, so the file is linked into a
-    temporary search-path folder as `recipe/<stem>.yaml`, ahead of ours (a file named like one of our
-    recipes is the one the user meant). `typed` maps the internal `recipe=<stem>` back to what the user
-    wrote, with the path made absolute, so overrides.yaml (what `resume=` replays) works from any folder.
-    """
-
-    def __init__(self) -> None:
-        self.folder: Optional[Path] = None
-        self.typed: dict[str, str] = {}
-
-    def rewrite(self, overrides: list[str]) -> list[str]:
-        out = []
-        for ov in overrides:
-            key, sep, value = ov.partition("=")
-            if key.lstrip("+") == "recipe" and sep and _is_path(value):
-                ov = self._link(key, value)
-            out.append(ov)
-        return out
-
-    def _link(self, key: str, value: str) -> str:
-        path = Path(value.strip("'\"")).expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(f"recipe={value}: no such file ({path}); a recipe is a name from recipes/ or a .yaml file")
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="mistral_ft_recipe_"))
-            (self.folder / "recipe").mkdir()
-        link = self.folder / "recipe" / f"{path.stem}.yaml"
-        if link.exists() and link.resolve() != path:
-            raise ConfigError(f"recipe={value}: two recipe files named {path.name} on one command line")
-        if not link.exists():
-            link.symlink_to(path)
-        internal = f"{key}={path.stem}"
-        self.typed[internal] = f"{key}={path}"
-        return internal
-
-    def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _is_path(value: str) -> bool:
-    value = value.strip("'\"")
-    return value.endswith((".yaml", ".yml")) or os.sep in value or value.startswith(("~", "."))
-
-
-def make_hydra(args: argparse.Namespace, calling_file: str, task_name: str, recipes: RecipeFiles) -> Any:
-    """The `Hydra` object `@hydra.main(config_path="conf")` in `calling_file` would make, honouring
-    -cp (config_path), -cd (an extra config folder, searched first) and our recipe files."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
-
-    search_path = create_automatic_config_search_path(calling_file, None, args.config_path or "conf")
-    if args.config_dir is not None:
-        conf_dir = os.path.abspath(args.config_dir)
-        if not os.path.isdir(conf_dir):
-            raise ConfigError(f"-cd/--config-dir {args.config_dir}: no such folder ({conf_dir})")
-        search_path.prepend(provider="command-line", path=f"file://{conf_dir}", anchor=SearchPathQuery(provider="schema"))
-    if recipes.folder is not None:
-        search_path.prepend(provider="mistral_ft-recipe-file", path=f"file://{recipes.folder}",
-                            anchor=SearchPathQuery(provider="main"))
-    GlobalHydra.instance().clear()
-    return Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path)
+    `--cfg` validates first, so a typo is the same one paragraph as for a run."""
+    if ns.resolve and ns.cfg is None and not ns.help:
+        raise ConfigError("--resolve can only be used with --cfg or --help (as in Hydra)")
+    if not any(getattr(ns, flag) not in (None, False) for flag in PRINT_FLAGS):
+        return None
+    recipes = RecipeFiles()
+    try:
+        overrides = recipes.rewrite(resume_overrides(list(ns.overrides)))
+        hydra = make_hydra(ns, calling_file, task_name, recipes)
+        config_name = ns.config_name or CONFIG_NAME
+        if ns.cfg is not None:
+            pinned = own_group_values(hydra, overrides, config_name)
+            compose_validated(hydra, overrides + pinned, config_name)
+            overrides += pinned
+        return show(hydra, ns, config_name, overrides)
+    finally:
+        recipes.close()
 
 
 def show(hydra: Any, args: argparse.Namespace, config_name: str, overrides: list[str]) -> int:
@@ -132,12 +84,11 @@ def show(hydra: Any, args: argparse.Namespace, config_name: str, overrides: list
     handlers, level = list(root.handlers), root.level  # Hydra adds a handler per call: one process, one command
     try:
         if args.help or args.hydra_help:
-            args.overrides = overrides if has_recipe else [*overrides, f"recipe={HELP_RECIPE}"]
+            # --help shows the composed config, which needs a recipe; --hydra-help composes Hydra's node alone
+            args.overrides = overrides if has_recipe or args.hydra_help else [*overrides, f"recipe={HELP_RECIPE}"]
             method = hydra.app_help if args.help else hydra.hydra_help
             method(config_name=config_name, args_parser=get_args_parser(), args=args)
             return 0
-        if args.resolve and args.cfg is None:
-            raise ConfigError("--resolve can only be used with --cfg or --help (as in Hydra)")
         if sum([args.cfg is not None, bool(args.shell_completion), args.info is not None, bool(args.multirun)]) > 1:
             raise ConfigError("only one of --multirun, --cfg, --info and --shell-completion can be given (as in Hydra)")
         if args.cfg is not None:
