@@ -71,17 +71,19 @@ def available(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
+def compose_config(overrides: Sequence[str], hydra_args: Any = None) -> dict[str, Any]:
     """The validated config that `main(overrides)` would train with, as a plain dict (no run).
 
     For tests and tools (validate): every recipe / group option can be checked without starting anything.
+    `hydra_args`: Hydra's parsed flags (-cp, -cn, -cd), as a CLI got them.
     """
     recipes = RecipeFiles()
     try:
         typed = resume_overrides(list(overrides))
         internal = recipes.rewrite(typed)
-        hydra = make_hydra(None, str(config_dir().parent / "train.py"), "train", recipes)
-        cfg = compose_validated(hydra, internal + own_group_values(hydra, internal))
+        hydra = make_hydra(hydra_args, str(config_dir().parent / "train.py"), "train", recipes)
+        name = getattr(hydra_args, "config_name", None) or CONFIG_NAME
+        cfg = compose_validated(hydra, internal + own_group_values(hydra, internal, name), name)
         plain = fill_removed_groups(to_plain(cfg), cfg.hydra.runtime.choices)
         plain["_choices"] = dict(cfg.hydra.runtime.choices)
         return plain
