@@ -305,7 +305,8 @@ def own_group_values(hydra: Any, overrides: Sequence[str], config_name: str = CO
     typed = {o.lstrip("+~").partition("=")[0] for o in overrides}
     user_choices = [(k, v) for k, sep, v in (o.partition("=") for o in overrides)
                     if sep and "." not in k and "/" not in k and not k.startswith(("~", "+"))
-                    and k not in ("recipe", "specialize") and "," not in v]
+                    and k not in ("recipe", "specialize") and "," not in v
+                    and not (config_dir() / k / f"{v}.yaml").is_file()]  # ours keep Hydra's order
     if not user_choices:
         return []
     try:
@@ -319,8 +320,8 @@ def own_group_values(hydra: Any, overrides: Sequence[str], config_name: str = CO
         if special and (config_dir() / "specialize" / f"{special}.yaml").is_file() else None
     pinned: list[str] = []
     for group, option in user_choices:
-        if choices.get(group) != option or (config_dir() / group / f"{option}.yaml").is_file():
-            continue  # not a group, or one of our options (those keep Hydra's order)
+        if choices.get(group) != option:
+            continue  # not a group
         own_file = _find_option_file(hydra, list(final.hydra.searchpath), group, option)
         if own_file is None:
             continue

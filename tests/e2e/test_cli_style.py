@@ -50,6 +50,7 @@ def test_dispatcher_runs_each_command_in_process(capsys):
     assert "run=RUN_OR_CKPT" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and Lightning: ~20 s on 2 shared cores
 def test_python_dash_m_and_the_console_script(tmp_path):
     """Once as a subprocess (`python -m mistral_ft`); the installed `mistral-ft` script too when it is this tree's."""
     cmd = [sys.executable, "-m", "mistral_ft", "train", *TINY, "--cfg", "job", "--package", "data"]

@@ -177,3 +177,25 @@ def test_recipe_file_removed_scheduler_and_recorded_overrides(tmp_path, capsys):
     lrs = {float(r["lr"]) for r in rows if r.get("lr")}
     assert len(rows) >= 3 and len(lrs) == 1 and lrs.pop() == pytest.approx(1.0e-3, rel=1e-6)  # no warmup, no decay
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("mistral_ft_recipe_*"))  # the link folder is gone
+
+
+@pytest.mark.slow  # two loky worker processes importing torch and Lightning
+def test_joblib_launcher_plugin_runs_each_point_once(tmp_path):
+    """`hydra/launcher=joblib` (the hydra-joblib-launcher plugin): each job runs and logs once."""
+    import os
+    import subprocess
+
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "mistral_ft.train", "-m", "recipe=classify", "model=tiny",
+                           "trainer.max_steps=2", "trainer.limit_val_batches=1", "checkpoint.save_adapter=false",
+                           "optimizer.lr=1e-3,2e-3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                           f"hydra.sweep.dir={sweep}", *QUIET], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = proc.stdout + proc.stderr
+    assert both.count("`Trainer.fit` stopped: `max_steps=2` reached.") == 2  # once per job, not twice
+    assert both.count("trainable of") == 2
+    for job in ("0", "1"):
+        assert yaml.safe_load((sweep / job / "overrides.yaml").read_text())[-1].startswith("optimizer.lr=")
