@@ -76,7 +76,7 @@ def _main(args: list[str]) -> int:
         points = sweep_points(overrides, hydra) if multirun else [overrides]
         pinned = own_group_values(hydra, points[0], config_name)  # the user's own group option wins
         for point in points:  # validate every run before any of them starts
-            cfg = compose_validated(hydra, point + pinned, config_name)
+            cfg = compose_validated(hydra, point + pinned, config_name, typed=point)
             if multirun:
                 refuse_multiprocess_sweep(cfg)
             fetch_hub_model(cfg)

@@ -83,7 +83,7 @@ def compose_config(overrides: Sequence[str], hydra_args: Any = None) -> dict[str
         internal = recipes.rewrite(typed)
         hydra = make_hydra(hydra_args, str(config_dir().parent / "train.py"), "train", recipes)
         name = getattr(hydra_args, "config_name", None) or CONFIG_NAME
-        cfg = compose_validated(hydra, internal + own_group_values(hydra, internal, name), name)
+        cfg = compose_validated(hydra, internal + own_group_values(hydra, internal, name), name, typed)
         plain = fill_removed_groups(to_plain(cfg), cfg.hydra.runtime.choices)
         plain["_choices"] = dict(cfg.hydra.runtime.choices)
         return plain
@@ -160,8 +160,11 @@ def make_hydra(args: Any, calling_file: str, task_name: str, recipes: RecipeFile
     return Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path)
 
 
-def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFIG_NAME) -> Any:
-    """Compose one config (RUN mode) and validate it; Hydra's errors become ConfigError."""
+def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFIG_NAME,
+                      typed: Optional[Sequence[str]] = None) -> Any:
+    """Compose one config (RUN mode) and validate it; Hydra's errors become ConfigError.
+
+    `typed`: the overrides as the user wrote them (without pinned values), for messages."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from hydra.types import RunMode
 
@@ -176,7 +179,8 @@ def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFI
         raise ConfigError(_explain_composition_error(hydra, overrides, err)) from None
     choices = dict(cfg.hydra.runtime.choices)
     plain = fill_removed_groups(to_plain(cfg), choices)
-    validate_config(plain, Sources(conf_dir=config_dir(), choices=choices, overrides=overrides))
+    validate_config(plain, Sources(conf_dir=config_dir(), choices=choices,
+                                      overrides=overrides if typed is None else typed))
     if plain["model"].get("path"):
         resolve_model_path(plain["model"])  # a missing folder fails here, before any run folder exists
     # the data pipeline's own range checks (DataError), also before any run folder exists

@@ -66,7 +66,7 @@ def print_flags(ns: argparse.Namespace, calling_file: str, task_name: str) -> Op
         config_name = ns.config_name or CONFIG_NAME
         if ns.cfg is not None:
             pinned = own_group_values(hydra, overrides, config_name)
-            compose_validated(hydra, overrides + pinned, config_name)
+            compose_validated(hydra, overrides + pinned, config_name, typed=overrides)
             overrides += pinned
         return show(hydra, ns, config_name, overrides)
     finally:

@@ -198,4 +198,5 @@ def test_joblib_launcher_plugin_runs_each_point_once(tmp_path):
     assert both.count("`Trainer.fit` stopped: `max_steps=2` reached.") == 2  # once per job, not twice
     assert both.count("trainable of") == 2
     for job in ("0", "1"):
-        assert yaml.safe_load((sweep / job / "overrides.yaml").read_text())[-1].startswith("optimizer.lr=")
+        recorded = yaml.safe_load((sweep / job / "overrides.yaml").read_text())
+        assert f"optimizer.lr={('0.001', '0.002')[int(job)]}" in recorded, recorded
