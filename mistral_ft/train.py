@@ -67,6 +67,8 @@ def _main(args: list[str]) -> int:
     if printed is not None:
         return printed
     recipes = RecipeFiles()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         typed = resume_overrides(list(ns.overrides))  # what the user wrote (and what resume= replays)
         overrides = recipes.rewrite(typed)
@@ -91,6 +93,11 @@ def _main(args: list[str]) -> int:
         return 0
     finally:
         recipes.close()
+        # Hydra's job logging adds a console and a train.log handler to the root logger for each run: a
+        # second main() in this process (tests, the bad-input corpus) must not log into the last run folder
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:], root.level = handlers, level
 
 
 class _Task:
