@@ -288,7 +288,7 @@ def fill_removed_groups(plain: dict[str, Any], choices: Any) -> dict[str, Any]:
     """
     if choices.get("scheduler") is None and "name" not in (plain.get("scheduler") or {}):
         dropped = sorted(k for k in (plain.get("scheduler") or {}) if k != "name")
-        plain["scheduler"] = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}
+        plain["scheduler"] = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "_target_": None}
         log.info("~scheduler: no learning-rate schedule (a constant optimizer.lr)%s",
                  f"; the recipe's scheduler.{{{','.join(dropped)}}} is not used" if dropped else "")
     return plain

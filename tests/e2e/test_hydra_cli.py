@@ -172,7 +172,7 @@ def test_recipe_file_removed_scheduler_and_recorded_overrides(tmp_path, capsys):
     assert f"recipe={recipe}" in recorded and "~scheduler" in recorded  # the path, made absolute
     assert "trainer.max_time=00:00:30:00" in recorded and not any(o.startswith("++") for o in recorded)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["scheduler"] == {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}
+    assert config["scheduler"] == {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "_target_": None}
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
     lrs = {float(r["lr"]) for r in rows if r.get("lr")}
     assert len(rows) >= 3 and len(lrs) == 1 and lrs.pop() == pytest.approx(1.0e-3, rel=1e-6)  # no warmup, no decay
