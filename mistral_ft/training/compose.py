@@ -176,6 +176,12 @@ def compose_validated(hydra: Any, overrides: list[str], config_name: str = CONFI
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse the command line: {_hydra_text(err)}") from None
     except ConfigCompositionException as err:
+        # trainer.logger / trainer.callbacks / ...: not declared (we build them), so Hydra calls them unknown;
+        # composed anyway, the schema refuses them naming the group to use instead
+        managed = {f"trainer.{k}" for k in MANAGED_TRAINER_KEYS}
+        if any(o.partition("=")[0] in managed for o in overrides):
+            forced = [f"++{o}" if o.partition("=")[0] in managed else o for o in overrides]
+            return compose_validated(hydra, forced, config_name, overrides if typed is None else typed)
         raise ConfigError(_explain_composition_error(hydra, overrides, err)) from None
     choices = dict(cfg.hydra.runtime.choices)
     plain = fill_removed_groups(to_plain(cfg), choices)
