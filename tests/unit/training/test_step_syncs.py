@@ -18,6 +18,7 @@ def _fit(micro_batches: list[dict], accumulate: int, steps: int, grads: dict | N
 
     from mistral_ft.model import MistralConfig, MistralForCausalLM
     from mistral_ft.training.tasks import CausalLMTask
+    from mistral_ft.training.tasks.base import TaskSettings
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -32,7 +33,7 @@ def _fit(micro_batches: list[dict], accumulate: int, steps: int, grads: dict | N
             if grads is not None and not grads and batch_idx == accumulate - 1:
                 grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
-    task = CausalLMTask(model, cfg)
+    task = CausalLMTask(model, TaskSettings.from_config(cfg), cfg)
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Capture()])
