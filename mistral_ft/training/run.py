@@ -35,7 +35,7 @@ from mistral_ft.masking import mask_log_handlers
 from mistral_ft.training.reliability import AtomicCheckpointIO, oom_advice, RngStates
 from mistral_ft.training.evaluation import GenerationEval, load_references
 from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
-from mistral_ft.training.summary import print_report, write_summary, write_yaml
+from mistral_ft.training.summary import StepClock, print_report, write_summary, write_yaml
 from mistral_ft.training.tasks import TASKS, TaskSettings
 
 log = logging.getLogger("mistral_ft.train")
@@ -223,7 +223,7 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
                          logger=build("logger", logger_settings, run_dir),
                          # fast_dev_run: Lightning skips step checkpoints but still writes last.ckpt; no checkpoint at all
-                         callbacks=[RngStates(), *([] if trainer_args.get("fast_dev_run") else [checkpoint]),
+                         callbacks=[RngStates(), StepClock.make(), *([] if trainer_args.get("fast_dev_run") else [checkpoint]),
                                     continue_history_callback(run_dir), *user_callbacks, *own_bar],
                          plugins=plugins,
                          default_root_dir=str(run_dir))

@@ -39,8 +39,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("client_exports")
-    assert export_main([f"run_dir={runs['instruct']}", f"output_dir={root / 'instruct'}", "gguf=true"]) == 0
-    assert export_main([f"run_dir={runs['classify']}", f"output_dir={root / 'classify'}"]) == 0
+    assert export_main([f"run={runs['instruct']}", f"output_dir={root / 'instruct'}", "gguf=true"]) == 0
+    assert export_main([f"run={runs['classify']}", f"output_dir={root / 'classify'}"]) == 0
     return {"instruct": root / "instruct", "classify": root / "classify"}
 
 
@@ -163,14 +163,14 @@ def test_gguf_export_warns_about_the_sliding_window(runs, tmp_path, capsys, capl
     import logging
 
     with caplog.at_level(logging.WARNING, logger="mistral_ft.export"):
-        assert export_main([f"run_dir={runs['instruct']}", f"output_dir={tmp_path / 'out'}", "gguf=true",
+        assert export_main([f"run={runs['instruct']}", f"output_dir={tmp_path / 'out'}", "gguf=true",
                             "check=false"]) == 0
     assert any("sliding attention window of 32 tokens" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "out" / "model.gguf").is_file()
 
 
 def test_gguf_of_a_classifier_is_refused_before_anything_is_written(runs, tmp_path, capsys):
-    assert export_main([f"run_dir={runs['classify']}", f"output_dir={tmp_path / 'out'}", "gguf=true"]) == 2
+    assert export_main([f"run={runs['classify']}", f"output_dir={tmp_path / 'out'}", "gguf=true"]) == 2
     assert "causal LMs" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
