@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mistral_ft.training.evaluation import log_sample_table
 from mistral_ft.training.tasks.base import IGNORE_INDEX, FineTuneTask
 
 
@@ -92,7 +93,10 @@ class CausalLMTask(FineTuneTask):
         if sharded_root:
             self.model.unshard()
         try:
-            return run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
+            metrics = run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
         finally:
             if sharded_root:
                 self.model.reshard()
+        if self.global_rank == 0:  # the sample table to TensorBoard / W&B where those loggers are on
+            log_sample_table(self.trainer.loggers, self.generation_eval.last_rows, int(self.global_step))
+        return metrics
