@@ -191,6 +191,10 @@ class GenerationEval:
         self.before_rows = self.last_rows
         return self.before
 
+    def log_table(self, loggers: Sequence[Any], step: int) -> None:
+        """The latest evaluation's sample table to TensorBoard / W&B (:func:`log_sample_table`); rank 0 calls it."""
+        log_sample_table(loggers, self.last_rows, step)
+
     def report_lines(self, show: int = 4) -> list[str]:
         """A few samples before -> after and the scores, for the end-of-run console report."""
         if not self.last_rows:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from mistral_ft.training.evaluation import log_sample_table
 from mistral_ft.training.tasks.base import IGNORE_INDEX, FineTuneTask
 
 
@@ -98,5 +97,5 @@ class CausalLMTask(FineTuneTask):
             if sharded_root:
                 self.model.reshard()
         if self.global_rank == 0:  # the sample table to TensorBoard / W&B where those loggers are on
-            log_sample_table(self.trainer.loggers, self.generation_eval.last_rows, int(self.global_step))
+            self.generation_eval.log_table(self.trainer.loggers, int(self.global_step))
         return metrics
