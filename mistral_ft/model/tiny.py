@@ -1,7 +1,7 @@
 """The embedded default (``model=tiny``): a small Mistral pre-trained on plain text, and its random twin.
 
 ``tiny_model_path()`` (what ``model=tiny`` loads) is the base shipped in ``mistral_ft/model/tiny_base/``
-(bfloat16 safetensors with tied embeddings, 4 MB; cached untied), pre-trained once by ``scripts/build_tiny_base.py`` so that a
+(bfloat16 safetensors with tied embeddings, 4 MB; cached untied in float32), pre-trained once by ``scripts/build_tiny_base.py`` so that a
 LoRA can visibly teach it the bundled chat tasks in minutes. ``random_tiny_path()`` is the same shape built
 from a fixed seed (untied, float32), for tests that need weights with no training in them. Both are cached as
 real HF folders (config.json + safetensors + tokenizer.model) and loaded through the same ``from_pretrained``
@@ -96,14 +96,15 @@ def tiny_model_path() -> Path:
 
         from ..tokenizer import MistralTokenizer
 
-        # shipped tied (half the bytes), cached untied: a LoRA or an export touching lm_head then never
-        # changes the input embeddings through the shared tensor, exactly as with the random tiny model
-        state = load_file(TINY_BASE_DIR / "model.safetensors")
+        # shipped tied in bfloat16 (a quarter of the bytes), cached untied in float32 (exact: bf16 -> fp32 loses
+        # nothing), so the base behaves as the random tiny model does: a LoRA or an export touching lm_head
+        # never changes the input embeddings through a shared tensor, and exports stay float32
+        state = {k: v.float() for k, v in load_file(TINY_BASE_DIR / "model.safetensors").items()}
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         config = json.loads((TINY_BASE_DIR / "config.json").read_text(encoding="utf-8"))
-        (tmp / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2) + "\n",
-                                         encoding="utf-8")
+        config.update(tie_word_embeddings=False, torch_dtype="float32")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(TINY_BASE_DIR / "generation_config.json", tmp / "generation_config.json")
         MistralTokenizer.from_pretrained(None).save_pretrained(tmp)
 

@@ -59,11 +59,11 @@ def test_the_shipped_base_is_the_checksummed_pretrained_model(tmp_path, monkeypa
     assert tiny_model_path() == folder and folder.parent == tmp_path / "cache"  # cached
     c = MistralConfig.from_pretrained(folder)
     assert not c.tie_word_embeddings and c.vocab_size == 32000 and c.hidden_size == 64 and c.num_hidden_layers == 2
-    model = MistralForCausalLM.from_pretrained(folder, torch_dtype="bfloat16")
+    assert c.torch_dtype == "float32"  # as the random tiny model: exports of the demo stay float32
+    model = MistralForCausalLM.from_pretrained(folder)
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in shipped.items())  # the shipped weights, untied
-    assert torch.equal(state["lm_head.weight"], shipped["model.embed_tokens.weight"])
-    model = MistralForCausalLM.from_pretrained(folder)  # float32, as model=tiny trains
+    assert all(torch.equal(state[k], v.float()) for k, v in shipped.items())  # the shipped weights, untied
+    assert torch.equal(state["lm_head.weight"], shipped["model.embed_tokens.weight"].float())
     tok = MistralTokenizer.from_pretrained(folder)
     # what plain-text pre-training taught it: far better than chance (ln 32000 = 10.4) on text like its corpus
     ids = torch.tensor([tok.encode("Who is at the door? It is Ben. Come in, Ben!", add_bos=True, add_eos=True)])
