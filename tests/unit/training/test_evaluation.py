@@ -26,10 +26,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The random tiny model: these tests check decoding mechanics, and the EOS test below relies on random rows."""
     from mistral_ft.generate import load
-    from mistral_ft.model.tiny import tiny_model_path
+    from mistral_ft.model.tiny import random_tiny_path
 
-    model, tok, _ = load(tiny_model_path(), device="cpu")
+    model, tok, _ = load(random_tiny_path(), device="cpu")
     return model, tok
 
 
