@@ -73,6 +73,15 @@ def user_message(err: BaseException) -> Optional[str]:
         user_types.append(MisconfigurationException)
     except ImportError:  # pragma: no cover
         pass
+    from mistral_ft.fs import is_out_of_space, out_of_space
+
+    if is_out_of_space(err):  # a full disk: the path and the free space, whoever wrote
+        return str(out_of_space(err))
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+        # an OS error on a path the user gave (a folder below a regular file, no permission, a read-only
+        # file system): the path and the reason are the whole story
+        other = f" -> {err.filename2}" if err.filename2 else ""
+        return f"{err.filename}{other}: {err.strerror or err}"
     if isinstance(err, tuple(user_types)):
         kind = {"DataError": "data", "CheckpointError": "model checkpoint", "MisconfigurationException": "trainer"}.get(
             type(err).__name__, "")

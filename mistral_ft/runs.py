@@ -203,7 +203,12 @@ def resolve_run(run: Path) -> tuple[Path, Path | None]:
         if cfg_file.is_file():
             from omegaconf import OmegaConf
 
-            path = OmegaConf.select(OmegaConf.load(cfg_file), "model.path", default=None)
+            try:
+                path = OmegaConf.select(OmegaConf.load(cfg_file), "model.path", default=None)
+            except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's parse errors: a corrupt file
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise GenerateError(f"--run {run}: {cfg_file} cannot be read ({first}); pass the base with "
+                                    "--model") from None
             if path:
                 return Path(str(path)).expanduser(), adapter
             return tiny_model_path(), adapter
