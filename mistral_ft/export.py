@@ -76,7 +76,7 @@ def parse_args(args: Sequence[str]) -> dict[str, Any]:
     if "max_shard_size" in opts:
         try:
             out["max_shard_size"] = parse_size(opts["max_shard_size"])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ExportError(f"max_shard_size={opts['max_shard_size']}: expected a size like 2GB or 500MB") from None
         if out["max_shard_size"] < 1:
             raise ExportError(f"max_shard_size={opts['max_shard_size']}: must be positive")

@@ -89,8 +89,16 @@ def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[st
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file") from None
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # json.loads would keep the later value silently
+                raise error(f"{path}: duplicate key {key!r} in one JSON object (which value is meant?)")
+            seen[key] = value
+        return seen
+
     try:
-        d = json.loads(text)
+        d = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except RecursionError:  # json recurses per nesting level; a hostile or broken file can exceed the limit
