@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mistral_ft.checkpoints.export import DTYPES, export
-from mistral_ft.cli import DEBUG_ENV, run_cli
+from mistral_ft.cli import DEBUG_ENV, run_cli, user_message
 from mistral_ft.errors import CheckpointError, ConfigError, ExportError
 from mistral_ft.model.weights import parse_size
 
@@ -45,9 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     def classify(err: Exception) -> Optional[tuple[str, int]]:
-        if isinstance(err, (ExportError, CheckpointError, ConfigError, FileNotFoundError)):
-            return str(err), 2
-        return None
+        return (str(err), 2) if isinstance(err, (ExportError, CheckpointError, ConfigError)) else \
+            ((m, 2) if (m := user_message(err)) is not None else None)  # + OS errors on a path, a full disk
 
     return run_cli(body, args, "export", classify, interrupted="interrupted (nothing was written to the output folder)",
                    failure_hint=f"\n(set debug=true or {DEBUG_ENV}=1 for the full traceback)")
