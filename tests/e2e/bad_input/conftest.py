@@ -21,6 +21,13 @@ def bad_run(tmp_path_factory) -> Path:
                      "data.validation_file=null", "peft.target_modules=[q_proj,v_proj]", "peft.r=2",
                      f"hydra.run.dir={run}", *QUIET])
     assert rc == 0
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):  # Hydra's job logging keeps appending to run/train.log after an in-process run
+        if str(getattr(h, "baseFilename", "")).startswith(str(run)):
+            root.removeHandler(h)
+            h.close()
     return run
 
 
