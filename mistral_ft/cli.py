@@ -75,8 +75,13 @@ def user_message(err: BaseException) -> Optional[str]:
         pass
     from mistral_ft.fs import is_out_of_space, out_of_space
 
-    if is_out_of_space(err):  # a full disk: the path and the free space, whoever wrote
-        return str(out_of_space(err))
+    cause: Optional[BaseException] = err
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))  # a full disk: the path and the free space, whoever wrote (and whoever wrapped it:
+        if is_out_of_space(cause):  # logging.config reports a log file it could not open as a ValueError)
+            return str(out_of_space(cause))  # type: ignore[arg-type]
+        cause = cause.__cause__ or cause.__context__
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
         # an OS error on a path the user gave (a folder below a regular file, no permission, a read-only
         # file system): the path and the reason are the whole story

@@ -60,6 +60,8 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
     if p.is_dir() and (p / "meta.pt").is_file():  # a sharded (strategy=fsdp) checkpoint folder
         return p, p.parent.parent if p.parent.name == "checkpoints" else p.parent
     if p.is_dir():
+        if (p / BASE_RECORD).is_file():  # corrupt: refused now, before the run folder is touched
+            read_json_object(p / BASE_RECORD, ConfigError)
         ckpt = p / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise ConfigError(f"resume={path}: no checkpoint at {ckpt} (the run saved none yet, or this is not a run folder)")
@@ -159,7 +161,7 @@ def record_base(run_dir: str | os.PathLike, model_path: str | os.PathLike, model
     """
     path = Path(run_dir) / BASE_RECORD
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path, ConfigError)  # a corrupt record names its file and line
         if old.get("fingerprint") != fingerprint(model_path):
             log.warning("the base weights at %s differ from the ones this run started from (%s)", model_path, path)
         return

@@ -130,10 +130,28 @@ def _main(args: list[str]) -> int:
                 return None
 
         # Hydra prints "Error executing job with overrides" for a failed job; we report it ourselves.
-        hydra.run(config_name=CONFIG_NAME, task_function=task, overrides=overrides)
+        run_dir = _planned_run_dir(cfg)
+        existed = run_dir is None or run_dir.exists()
+        try:
+            hydra.run(config_name=CONFIG_NAME, task_function=task, overrides=overrides)
+        except Exception:  # Hydra's own setup failed (e.g. it could not open train.log: a full disk)
+            if not existed and _just_created(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if failure:
             raise failure[0]
     return 0
+
+
+def _planned_run_dir(cfg: Any) -> Optional[Path]:
+    """hydra.run.dir as Hydra will make it, when it can be known beforehand (None when it cannot)."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, "hydra.run.dir")
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra resolves (${now:...}): not known here
+        return None
+    return Path(str(value)).expanduser().absolute() if value else None
 
 
 def _just_created(run_dir: Path) -> bool:
@@ -146,7 +164,7 @@ def _just_created(run_dir: Path) -> bool:
         entries = list(run_dir.iterdir())
     except OSError:
         return False
-    return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)
+    return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)  # (an empty folder: True)
 
 
 def _task(cfg: Any) -> dict[str, Any]:
