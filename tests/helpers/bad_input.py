@@ -140,3 +140,13 @@ def enospc_open(monkeypatch, under: Path) -> None:
 
     monkeypatch.setattr(builtins, "open", full_disk_open)
     monkeypatch.setattr(io, "open", full_disk_open)  # pathlib's write_text goes through io.open
+
+
+def case_params(cases: dict, default: set[str]) -> list:
+    """pytest params over a case table: the names in `default` run in the default suite, the rest with -m slow
+    (the whole corpus costs minutes on 2 cores; the default set keeps one of each kind of failure)."""
+    import pytest
+
+    missing = default - set(cases)
+    assert not missing, missing
+    return [pytest.param(n, id=n, marks=() if n in default else (pytest.mark.slow,)) for n in sorted(cases)]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers.bad_input import QUIET, Case, check_case, deep_json, enospc_open
+from helpers.bad_input import QUIET, Case, case_params, check_case, deep_json, enospc_open
 from mistral_ft import train
 
 INSTRUCT = ["recipe=instruct_lora", "model=tiny", "data.validation_file=null", *QUIET]
@@ -57,6 +57,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", case_params(CASES,
+    {"disk_full", "resume_base_model_json_malformed", "run_dir_below_a_file", "target_modules_match_nothing"}))
 def test_train_bad_input(name, tmp_path, bad_run, capsys, monkeypatch):
     check_case(train.main, CASES[name](tmp_path, {"run": bad_run}, monkeypatch), tmp_path, capsys)
