@@ -1,7 +1,7 @@
 """The corpus through real processes: `python -m mistral_ft.<cli>` exits 2 with the message and no traceback
 (what the in-process cases cannot see: the `__main__` wiring, argparse's exit, an import-time failure).
 
-A fresh interpreter costs ~8 s of CPU here (torch, Lightning imports), (measured 9-30 s wall per process on
+A fresh interpreter costs ~8 s of CPU here (torch, Lightning imports; measured 9-30 s wall per process on
 the shared 2-core machine), so the default suite runs two cases (generate: argparse and SystemExit; export);
 `-m slow` runs every case of the corpus that needs no monkeypatching (a full disk is simulated in-process
 only).
