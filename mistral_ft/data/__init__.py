@@ -14,12 +14,13 @@ Public API::
     train_ds, val_ds, info = build_datasets(cfg.data, tokenizer)   # without Lightning
 
 Data config keys (`DataConfig`, unknown keys are an error, keys starting with "_" are ignored):
-    train_file (required: .json/.jsonl/.csv/.parquet path, or a hub dataset name), format
-    ("text" | "alpaca" | "messages" | "classification" | "regression" | "preference"), validation_file,
-    val_fraction, split / validation_split / hub_config (hub), text_field, instruction_field,
-    input_field, output_field, messages_field, label_field, labels, prompt_field, chosen_field,
-    rejected_field, max_length, pack,
-    group_by_length, skip_invalid, pad_to_multiple_of, seed, num_workers.
+    train_file (required: .json/.jsonl/.csv/.parquet/.txt path, a save_to_disk folder, or a hub dataset
+    name), format ("text" | "alpaca" | "messages" | "sharegpt" | "classification" | "regression" |
+    "preference"), validation_file, val_fraction, split / validation_split / hub_config (hub, saved
+    DatasetDict), text_field, instruction_field, input_field, output_field, messages_field,
+    conversations_field, tools_field, train_on, txt_document, label_field, labels, prompt_field,
+    chosen_field, rejected_field, max_length, pack, group_by_length, skip_invalid, pad_to_multiple_of,
+    seed, num_workers. Defaults of a run: conf/data/base/keys.yaml; row shapes: docs/data.md.
 
 Examples (items of the datasets):
     causal:          {"input_ids": list[int], "labels": list[int]}  labels UNSHIFTED: labels[i] is

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -30,7 +30,8 @@ PAD_DOCUMENT_ID = -1
 
 
 def pack_examples(
-    examples: Sequence[tuple[list[int], list[int]]], max_length: int, strategy: str = "in_order"
+    examples: Sequence[tuple[list[int], list[int]]], max_length: int, strategy: str = "in_order",
+    progress: Callable[[Iterable[int]], Iterable[int]] = iter,
 ) -> list[dict[str, list[int]]]:
     """Fill rows of at most `max_length` tokens with whole examples.
 
@@ -39,6 +40,7 @@ def pack_examples(
     tightly: fewer, fuller rows (measured on a long-tailed length mix: 81 % of row tokens real in order,
     99.8 % best fit), so less compute per epoch. Within a row, examples keep their input order.
 
+    `progress` wraps the loop that places the examples (a progress bar; see `dataset.progress`).
     Returns rows with `input_ids`, `labels`, `position_ids` (restart at 0 per example) and
     `document_ids` (0, 1, ... per example within the row). Examples are never split: each is
     already truncated to `max_length`.
@@ -54,7 +56,8 @@ def pack_examples(
     if strategy == "in_order":
         groups: list[list[int]] = []
         used = max_length + 1
-        for i, (ids, _) in enumerate(examples):
+        for i in progress(range(len(examples))):
+            ids = examples[i][0]
             if used + len(ids) > max_length:
                 groups.append([])
                 used = 0
@@ -63,7 +66,7 @@ def pack_examples(
     elif strategy == "best_fit":
         groups = []
         space: list[tuple[int, int]] = []  # (room left, row), sorted: the first with room >= n fits tightest
-        for i in sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i)):
+        for i in progress(sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))):
             n = len(examples[i][0])
             j = bisect.bisect_left(space, (n, -1))
             if j == len(space):

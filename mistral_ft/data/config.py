@@ -13,20 +13,22 @@ from typing import Any, Optional
 
 from mistral_ft.data.errors import DataError
 
-CAUSAL_FORMATS = ("text", "alpaca", "messages")
+CAUSAL_FORMATS = ("text", "alpaca", "messages", "sharegpt")
 SEQUENCE_FORMATS = ("classification", "regression")
 PREFERENCE_FORMATS = ("preference",)  # pairs for DPO and reward models (mistral_ft.data.preference)
 FORMATS = CAUSAL_FORMATS + SEQUENCE_FORMATS + PREFERENCE_FORMATS
 TRAIN_ON = ("all", "last")
+TXT_DOCUMENTS = ("block", "file")  # a .txt file: one document per blank-line block, or the whole file
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Everything the data pipeline needs to know; field names are the YAML keys.
 
-    `train_file` / `validation_file` are local files (.json, .jsonl, .csv, .parquet, chosen by
-    extension) or, when no such path exists, a Hugging Face hub dataset name (`split` /
-    `validation_split` / `hub_config` select from it).
+    `train_file` / `validation_file` are local files (.json, .jsonl, .csv, .parquet, .txt, chosen by
+    extension), a `datasets` `save_to_disk` folder, or, when no such path exists, a Hugging Face hub
+    dataset name (`split` / `validation_split` / `hub_config` select from it). The run's defaults live
+    in conf/data/base/keys.yaml (a test keeps them equal to these).
     """
 
     train_file: str
@@ -42,10 +44,13 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    conversations_field: str = "conversations"  # sharegpt: the row key holding [{from, value}, ...]
     tools_field: str = "tools"
     # Which assistant turns of a messages row are trained: "all" (those without weight 0) or "last"
     # (only the final one: mistral-finetune's rule for tool rows, whose earlier turns are context).
     train_on: str = "all"
+    # A .txt file (format text): "block" = one document per run of non-blank lines, "file" = the whole file.
+    txt_document: str = "block"
     label_field: str = "label"
     prompt_field: str = "prompt"  # preference: optional; without it chosen/rejected are whole conversations
     chosen_field: str = "chosen"
@@ -89,6 +94,8 @@ class DataConfig:
         """Check value ranges and combinations that would otherwise fail deep inside training."""
         if self.train_on not in TRAIN_ON:
             raise DataError(f"data config: field 'train_on': {self.train_on!r} is not one of {list(TRAIN_ON)}")
+        if self.txt_document not in TXT_DOCUMENTS:
+            raise DataError(f"data config: field 'txt_document': {self.txt_document!r} is not one of {list(TXT_DOCUMENTS)}")
         if self.format not in FORMATS:
             raise DataError(f"data config: field 'format': {self.format!r} is not one of {list(FORMATS)}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -113,5 +120,5 @@ class DataConfig:
 
     @property
     def is_causal(self) -> bool:
-        """True for formats that train a causal LM (text / alpaca / messages)."""
+        """True for formats that train a causal LM (text / alpaca / messages / sharegpt)."""
         return self.format in CAUSAL_FORMATS

@@ -8,6 +8,10 @@ Pipeline (each step a plain function call, in this order):
     -> tokenize, truncate to `max_length`, reject rows whose every target got cut
     -> optional packing (causal only; example order shuffled with the seed first)
     -> `TokenDataset` (columns stored as arrow int32 via `datasets.Dataset.from_dict`)
+
+Tokenizing and packing show a tqdm bar on global rank 0 when stderr is a terminal and `datasets`' own
+progress bars are on (`datasets.disable_progress_bars()` / HF_DATASETS_DISABLE_PROGRESS_BARS=1 turn
+both off); other ranks, logs and CI output stay quiet.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import dataclasses
 import json
 import logging
 import random
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +35,7 @@ from mistral_ft.data.formats import (
     IGNORE_INDEX,
     ChatTokenizer,
     build_label_map,
+    format_hint,
     normalize_row,
     resolve_label,
     tokenize_causal,
@@ -115,14 +122,27 @@ class _Rows:
     skipped: int
 
 
+def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+    """`items` with a tqdm bar where one helps: global rank 0, stderr a terminal, `datasets`' bars enabled."""
+    from datasets.utils.logging import is_progress_bar_enabled
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from tqdm.auto import tqdm
+
+    quiet = getattr(rank_zero_only, "rank", 0) != 0 or not sys.stderr.isatty() or not is_progress_bar_enabled()
+    return iter(tqdm(items, total=total, desc=desc, unit="ex", disable=quiet, leave=False, file=sys.stderr))
+
+
 def _normalize(split: LoadedSplit, cfg: DataConfig) -> _Rows:
     locs, rows = [], []
     skipped = split.skipped
-    for loc, raw in zip(split.locs, split.dataset):
+    for i, (loc, raw) in enumerate(zip(split.locs, split.dataset)):
         try:
             rows.append(normalize_row(raw, cfg, from_csv=split.from_csv))
             locs.append(loc)
         except RowError as err:
+            hint = format_hint(raw, cfg) if i == 0 and not split.validated else None
+            if hint is not None:  # the first row has another format's shape: refuse the split, not the row
+                raise DataError(f"{loc}: {err}; {hint}") from None
             tolerate(DataError(f"{loc}: {err}"), cfg.skip_invalid)  # raises unless skipping or collecting
             skipped += 1
     if not rows:
@@ -152,7 +172,7 @@ def _tokenize(
     other: list[Any] = []
     truncated = skipped = 0
     limit = cfg.max_length
-    for loc, row in zip(rows.locs, rows.rows):
+    for loc, row in progress(zip(rows.locs, rows.rows), len(rows.rows), "tokenizing"):
         try:
             if cfg.is_causal:
                 try:
@@ -221,7 +241,8 @@ def _finish(columns: dict[str, list[Any]], cfg: DataConfig, seed: int) -> dict[s
         return columns
     pairs = list(zip(columns["input_ids"], columns["labels"]))
     random.Random(seed).shuffle(pairs)  # mix lengths and sources across rows, reproducibly
-    packed = pack_examples(pairs, cfg.max_length, strategy="best_fit")  # fuller rows; the sampler shuffles rows
+    packed = pack_examples(pairs, cfg.max_length, strategy="best_fit",
+                           progress=lambda items: progress(items, len(pairs), "packing"))  # fuller rows; the sampler shuffles rows
     return {k: [row[k] for row in packed] for k in ("input_ids", "labels", "position_ids", "document_ids")}
 
 
@@ -235,6 +256,9 @@ def choose_splits(cfg: DataConfig) -> tuple[LoadedSplit, _Rows, Optional[_Rows],
         val_split = load_split(cfg.validation_file, cfg, cfg.validation_split or "validation")
         val, val_source = _normalize(val_split, cfg), val_split.source
     elif cfg.validation_split:
+        if train_split.one_split:
+            raise DataError(f"{train_split.source}: a saved Dataset folder is one split, so it has no "
+                            f"validation_split {cfg.validation_split!r}; use data.validation_file or data.val_fraction")
         val_split = load_split(cfg.train_file, cfg, cfg.validation_split)
         val, val_source = _normalize(val_split, cfg), val_split.source
     elif cfg.val_fraction:

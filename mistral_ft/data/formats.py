@@ -11,7 +11,11 @@ Canonical rows:
     alpaca          {"messages": [user, assistant]}   user = instruction + ("\\n\\n" + input if input)
     messages        {"messages": [{"role", "content", "weight" (0 | 1; 1 on non-assistant)}, ...], "tools"?: [...]}
                     assistant: optional "tool_calls" [{id, type, function: {name, arguments}}] (content
-                    then may be None); tool: "tool_call_id"
+                    then may be None); tool: "tool_call_id". A content may also come as OpenAI content
+                    parts [{"type": "text", "text": ...}, ...]: the texts are joined as mistral_common
+                    joins text chunks ("\n\n", empty parts skipped); other part types are refused.
+    sharegpt        {"messages": [...]} as above, from {"conversations": [{"from", "value"}, ...]}
+                    (SHAREGPT_ROLES maps `from` to a role)
     classification  {"text": str, "label": str | int}  (name or id; ids are resolved later)
     regression      {"text": str, "label": float}
     preference      {"prompt": [messages ending with user], "chosen": str, "rejected": str}  (see normalize_pair)
@@ -31,6 +35,13 @@ from mistral_ft.tokenizer.files import TOOL_VERSIONS, ChatError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT `from` -> our role. The names the ShareGPT dumps (FastChat, Vicuna) and LLaMA-Factory / axolotl use.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+# ShareGPT's tool turns carry no call ids, so a call and its result cannot be paired as the tool formats need.
+SHAREGPT_TOOL_ROLES = ("tool", "function_call", "observation", "function", "tool_call", "tool_response")
+# mistral_common's normalizer (v1..v13 requests) joins adjacent text chunks of one message with this.
+TEXT_PART_JOIN = "\n\n"
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
@@ -104,15 +115,15 @@ def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
         if tool_calls is not None and not (isinstance(tool_calls, list) and tool_calls == []):
             calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(_list(tool_calls, f"{where}.tool_calls"))]
             content = msg.get("content")
-            if content is not None and not (isinstance(content, str) and content == ""):
-                content = _text(content, f"{where}.content")
+            if content is not None and not (isinstance(content, (str, list)) and not content):
+                content = _content(content, f"{where}.content", role)
             else:
                 content = None
             out.append({"role": role, "content": content, "tool_calls": calls, "weight": int(weight)})
             continue
         if msg.get("content") is None:
             raise RowError(f"{where}.content", "missing")
-        content = _text(msg["content"], f"{where}.content")
+        content = _content(msg["content"], f"{where}.content", role)
         entry: dict[str, Any] = {"role": role, "content": content, "weight": int(weight)}
         if role == "tool":
             call_id = msg.get("tool_call_id")
@@ -140,6 +151,27 @@ def _messages(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
     if not any(m["role"] == "assistant" and m["weight"] != 0 for m in out):
         raise RowError(name, "no assistant message with weight != 0: nothing to learn from this row")
     return out
+
+
+def _content(value: Any, name: str, role: str) -> str:
+    """A message's text: a string, or OpenAI content parts [{"type": "text", "text": ...}] joined exactly as
+    mistral_common joins a message's text chunks. Image / audio parts are refused: the text models this
+    package trains have no input for them, and dropping them would train on a different conversation."""
+    if not isinstance(value, list):
+        return _text(value, name)
+    if role == "tool" and len(value) > 1:  # mistral_common joins tool chunks with "" and others with "\n\n"
+        raise RowError(name, "a tool message's content must be a string or a single text part")
+    texts = []
+    for j, part in enumerate(value):
+        where = f"{name}[{j}]"
+        if not isinstance(part, Mapping):
+            raise RowError(where, f"expected a content part {{\"type\": \"text\", \"text\": ...}}, got {type(part).__name__}")
+        kind = part.get("type")
+        if kind != "text":
+            raise RowError(f"{where}.type", f"content part of type {kind!r} cannot be trained: only 'text' parts are "
+                                            "taken (the text models have no image or audio input); drop the part or the row")
+        texts.append(_text(part.get("text"), f"{where}.text", allow_empty=True))
+    return _text(TEXT_PART_JOIN.join(t for t in texts if t), name)
 
 
 def _maybe_json(value: Any, name: str, from_csv: bool, what: str) -> Any:
@@ -274,6 +306,89 @@ def _float_target(value: Any, name: str, from_csv: bool) -> float:
     return float(value)
 
 
+def _sharegpt(value: Any, name: str, from_csv: bool) -> list[dict[str, Any]]:
+    """ShareGPT turns [{from, value, weight?}] -> messages (roles by SHAREGPT_ROLES), then the messages checks.
+
+    Errors name the user's keys: `conversations[2].from`, not the `role` it became.
+    """
+    value = _maybe_json(value, name, from_csv, "a JSON list of turns")
+    if not isinstance(value, list):
+        raise RowError(name, f"expected a list of turns {{from, value}}, got {type(value).__name__}")
+    messages = []
+    for i, turn in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, Mapping):
+            raise RowError(where, f"expected an object with 'from' and 'value', got {type(turn).__name__}")
+        who = turn.get("from")
+        if who is None:
+            raise RowError(f"{where}.from", "missing")
+        if who in SHAREGPT_TOOL_ROLES:
+            raise RowError(f"{where}.from", f"tool turn {who!r} with value {str(turn.get('value'))!r:.80}: ShareGPT tool "
+                                            "turns carry no call ids to pair a call with its result; write the row in "
+                                            "format messages (assistant tool_calls + tool messages with tool_call_id)")
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
+            raise RowError(f"{where}.from", f"unknown role {who!r} (value {str(turn.get('value'))!r:.80}); ShareGPT roles: "
+                                            + ", ".join(f"{k} -> {v}" for k, v in SHAREGPT_ROLES.items()))
+        if turn.get("value") is None:
+            raise RowError(f"{where}.value", "missing")
+        message = {"role": SHAREGPT_ROLES[who], "content": _text(turn["value"], f"{where}.value")}
+        if turn.get("weight") is not None:
+            message["weight"] = turn["weight"]
+        messages.append(message)
+    try:
+        return _messages(messages, name, False)
+    except RowError as err:  # same checks as messages rows, in the user's words
+        field = err.field.replace(".role", ".from").replace(".content", ".value")
+        raise RowError(field, err.problem) from None
+
+
+# ---- a row that has another format's shape --------------------------------------------------------------------------------
+def _guess_format(row: Mapping[str, Any]) -> Optional[tuple[str, Optional[tuple[str, str]], str]]:
+    """(format, (config key, value) it also needs or None, why) for a row of a known format's shape, else None."""
+    def turns(key: str) -> Optional[Mapping[str, Any]]:
+        value = row.get(key)
+        return value[0] if isinstance(value, list) and value and isinstance(value[0], Mapping) else None
+
+    for key in ("conversations", "messages"):
+        first = turns(key)
+        if first is not None and "from" in first and "value" in first:
+            return "sharegpt", ("conversations_field", key), f"'{key}' holds turns with 'from' and 'value'"
+        if first is not None and "role" in first:
+            return "messages", ("messages_field", key), f"'{key}' holds messages with 'role'"
+    if "chosen" in row and "rejected" in row:
+        return "preference", None, "it has 'chosen' and 'rejected'"
+    if "instruction" in row and "output" in row:
+        return "alpaca", None, "it has 'instruction' and 'output'"
+    if "text" in row and "label" in row:
+        label = row["label"]
+        fmt = "regression" if isinstance(label, float) and not label.is_integer() else "classification"
+        return fmt, None, "it has 'text' and 'label'"
+    if isinstance(row.get("text"), str):
+        return "text", None, "it has 'text'"
+    return None
+
+
+def format_hint(row: Any, cfg: DataConfig) -> Optional[str]:
+    """For a first row that failed `normalize_row`: a sentence naming the format (and key) it looks like, or None.
+
+    Only when the row has another known format's shape, or the configured format's shape under another key
+    (`conversations` holding messages); a row of the configured shape that is merely broken gets no hint.
+    """
+    if not isinstance(row, Mapping):
+        return None
+    guess = _guess_format(row)
+    if guess is None:
+        return None
+    fmt, needs, why = guess
+    extra = f" data.{needs[0]}={needs[1]}" if needs is not None and getattr(cfg, needs[0]) != needs[1] else ""
+    if fmt == cfg.format and not extra:
+        return None
+    return (f"this row looks like data.format={fmt} ({why}), not data.format={cfg.format}"
+            + (f" with data.{needs[0]}={getattr(cfg, needs[0])}" if fmt == cfg.format and needs else "")
+            + f": set data.format={fmt}{extra} (docs/data.md lists the row shapes). The first row already has "
+            "another format's shape, so the file is refused as a whole instead of row by row")
+
+
 def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[str, Any]:
     """Validate one raw row for `cfg.format`; return its canonical form or raise `RowError`.
 
@@ -297,14 +412,18 @@ def normalize_row(row: Any, cfg: DataConfig, *, from_csv: bool = False) -> dict[
                 {"role": "assistant", "content": output, "weight": 1},
             ]
         }
-    if fmt == "messages":
-        messages = _messages(_field(row, cfg.messages_field), cfg.messages_field, from_csv)
+    if fmt in ("messages", "sharegpt"):
+        if fmt == "messages":
+            messages = _messages(_field(row, cfg.messages_field), cfg.messages_field, from_csv)
+        else:
+            messages = _sharegpt(_field(row, cfg.conversations_field), cfg.conversations_field, from_csv)
         if cfg.train_on == "last":  # only the final answer is a target; earlier turns are context
             messages = [dict(m, weight=0) if m["role"] == "assistant" else m for m in messages[:-1]] + messages[-1:]
             if messages[-1]["weight"] == 0:
-                raise RowError(cfg.messages_field, "train_on=last, but the last assistant message has weight 0")
+                key = cfg.messages_field if fmt == "messages" else cfg.conversations_field
+                raise RowError(key, "train_on=last, but the last assistant message has weight 0")
         out: dict[str, Any] = {"messages": messages}
-        tools = row.get(cfg.tools_field)
+        tools = row.get(cfg.tools_field) if fmt == "messages" else None
         if tools is not None and tools != [] and tools != "":  # "" : an empty CSV cell
             out["tools"] = _tools(tools, cfg.tools_field, from_csv)
         return out

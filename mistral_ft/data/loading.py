@@ -11,8 +11,22 @@ Worked example (skip_invalid=True, train.jsonl with a bad line 2 of 3):
     -> LoadedSplit(dataset with 2 rows, locs ["train.jsonl:1", "train.jsonl:3"], skipped=1)
 Without bad rows the original file goes to `datasets` untouched.
 
+A `.txt` file, or a folder holding only .txt files (format text), is split into documents by `txt_document`: "block" (the default) makes
+each run of non-blank lines one document (its lines joined with "\n"; a blank line holds only
+whitespace), "file" makes the whole file one document, as written. Line ends read as "\n" (universal
+newlines, as `datasets`' own text builder reads them). Either way the documents go
+to `datasets` as a clean JSONL copy, located "book.txt:12" (the first line of the block).
+
+A folder written by `datasets`' `save_to_disk` (a `Dataset`: `state.json`; a `DatasetDict`:
+`dataset_dict.json`) is read with `datasets.load_from_disk`: a `Dataset` is the split itself, a
+`DatasetDict` gives `split` / `validation_split`. Its rows, like a hub dataset's, are validated after
+loading (locations read "folder[split]:row N").
+
 Not a local path: treated as a hub dataset name and loaded with `datasets.load_dataset(name)`;
 its rows are validated after loading (locations read "name[split]:row N").
+
+The first row of a file that fails and has another known format's shape (alpaca rows under the
+default format messages) stops the load with one message naming the format to set (`format_hint`).
 """
 
 from __future__ import annotations
@@ -31,10 +45,12 @@ import datasets
 
 from mistral_ft.data.config import DataConfig
 from mistral_ft.data.errors import DataError, RowError, tolerate
-from mistral_ft.data.formats import normalize_row
+from mistral_ft.data.formats import format_hint, normalize_row
 
 # extension -> `datasets` builder name
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TXT = ".txt"  # plain text: split into documents by us (see the module docstring), loaded as JSONL
+SUFFIXES = sorted([*BUILDERS, TXT])
 
 # The repository root (the folder holding `data/` with the bundled datasets); a wheel install has none.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +69,7 @@ class LoadedSplit:
     from_csv: bool  # CSV cells are strings: normalization parses numbers / JSON in them
     source: str
     validated: bool  # rows were validated before loading (local files)
+    one_split: bool = False  # a saved `Dataset` folder: no other split to take validation rows from
 
 
 def resolve_data_path(path: str) -> Optional[Path]:
@@ -69,7 +86,7 @@ def resolve_data_path(path: str) -> Optional[Path]:
         return PROJECT_ROOT / p
     if not p.is_absolute() and p.parts[:1] == ("data",) and (BUNDLED / Path(*p.parts[1:])).exists():
         return BUNDLED / Path(*p.parts[1:])
-    if p.suffix.lower() in BUILDERS or p.is_absolute() or path.startswith(("./", "../")):
+    if p.suffix.lower() in SUFFIXES or p.is_absolute() or path.startswith(("./", "../")):
         raise DataError(f"{path}: file not found (working directory: {os.getcwd()})")
     return None
 
@@ -173,6 +190,28 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
         yield row_no, dict(rec), None
 
 
+def _iter_txt(path: Path, cfg: DataConfig) -> Iterator[tuple[int, Any, Optional[str]]]:
+    """(first line of the document, {text_field: document}, None): see `txt_document` in the module docstring."""
+    # universal newlines, as Python's text mode and `datasets`' text builder read a file
+    text = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")
+    if cfg.txt_document == "file":
+        if text.strip():
+            yield 1, {cfg.text_field: text}, None
+        return
+    block: list[str] = []
+    start = 0
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): it also splits at \x0c, \u2028, ...
+        if line.strip():
+            if not block:
+                start = i
+            block.append(line)
+        elif block:
+            yield start, {cfg.text_field: "\n".join(block)}, None
+            block = []
+    if block:
+        yield start, {cfg.text_field: "\n".join(block)}, None
+
+
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
     import pyarrow.parquet as pq
 
@@ -187,11 +226,17 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
             yield row_no, rec, None
 
 
+class _WrongFormat(DataError):
+    """The first row has another format's shape: the whole file is refused, whatever `skip_invalid` says."""
+
+
 def _scan_local(path: Path, cfg: DataConfig) -> tuple[list[int], list[str], list[Any], int, str]:
     """Validate every row of a local file: (valid row numbers, locs, raw rows, skipped, kind)."""
     ext = path.suffix.lower()
     if ext in (".json", ".jsonl"):
         rows, kind = _iter_json(path), "line"
+    elif ext == TXT:
+        rows, kind = _iter_txt(path, cfg), "line"
     elif ext == ".csv":
         rows, kind = _iter_csv(path), "row"
     else:
@@ -212,6 +257,9 @@ def _scan_local(path: Path, cfg: DataConfig) -> tuple[list[int], list[str], list
             try:
                 norm = normalize_row(raw, cfg, from_csv=from_csv)
             except RowError as err:
+                hint = format_hint(raw, cfg) if seen == 1 else None
+                if hint is not None:  # a file-level mistake: never skipped or collected row by row
+                    raise _WrongFormat(f"{loc}: {err}; {hint}") from None
                 raise DataError(f"{loc}: {err}") from None
             if cfg.format == "classification" and not from_csv:
                 # `datasets` (arrow) cannot hold str and int in one column: say so per line.
@@ -223,6 +271,8 @@ def _scan_local(path: Path, cfg: DataConfig) -> tuple[list[int], list[str], list
                         f"{loc}: field '{cfg.label_field}': {kind_of.__name__} label, but "
                         f"{label_type[1]} has a {label_type[0].__name__} label; use names or ids, not both"
                     )
+        except _WrongFormat:
+            raise
         except DataError as err:
             tolerate(err, cfg.skip_invalid)  # raises unless skipping or collecting
             skipped += 1
@@ -237,12 +287,19 @@ def _scan_local(path: Path, cfg: DataConfig) -> tuple[list[int], list[str], list
     return numbers, locs, raws, skipped, kind
 
 
-def _load_local(path: Path, cfg: DataConfig) -> LoadedSplit:
+def _load_local(path: Path, cfg: DataConfig, split: str) -> LoadedSplit:
     if path.is_dir():
-        return _load_named(str(path), cfg, split=cfg.split, local_dir=True)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _load_saved(path, cfg, split)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if files and all(p.suffix.lower() == TXT for p in files):
+            return _load_txt(path, files, cfg)
+        return _load_named(str(path), cfg, split=split, local_dir=True)
     ext = path.suffix.lower()
-    if ext not in BUILDERS:
-        raise DataError(f"{path}: unsupported file type {ext!r} (use one of {sorted(BUILDERS)})")
+    if ext not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {ext!r} (use one of {SUFFIXES}, or a save_to_disk folder)")
+    if ext == TXT:
+        return _load_txt(path, [path], cfg)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no rows)")
     _, locs, raws, skipped, _ = _scan_local(path, cfg)
@@ -254,19 +311,68 @@ def _load_local(path: Path, cfg: DataConfig) -> LoadedSplit:
             header = next(csv.reader(fh))
         features = datasets.Features({name: datasets.Value("string") for name in header})
         kwargs.update(features=features, keep_default_na=False)
+    # Arrow holds one type per column: rows mixing string contents with OpenAI content parts make `datasets`
+    # fall back to pandas, which turns a content "4" into the int 4. The copy then writes every content as parts.
+    mixed = any(_has_content_parts(raw) for raw in raws)
     ds: Optional[datasets.Dataset] = None
-    if not skipped:
+    if not skipped and not mixed:
         ds = _datasets_load(builder, str(path), kwargs, path)
         if len(ds) != len(locs):  # e.g. a reader that drops blank CSV lines differently from ours
             ds = None
     if ds is None:  # hand `datasets` a clean copy holding only the rows that passed validation
-        with tempfile.TemporaryDirectory(prefix="mistral_ft_data_") as tmp:
-            clean = Path(tmp) / "rows.jsonl"
-            with clean.open("w", encoding="utf-8") as fh:
-                for raw in raws:
-                    fh.write(json.dumps(raw, ensure_ascii=False, default=str) + "\n")
-            ds = _datasets_load("json", str(clean), {"cache_dir": str(Path(tmp) / "cache")}, path, in_memory=True)
+        ds = _clean_copy([_as_parts(raw) for raw in raws] if mixed else raws, path)
     return LoadedSplit(ds, locs, skipped, from_csv=ext == ".csv", source=str(path), validated=True)
+
+
+def _load_txt(source: Path, files: list[Path], cfg: DataConfig) -> LoadedSplit:
+    """A .txt file, or a folder holding only .txt files (read in name order), as the documents of format text."""
+    if cfg.format != "text":
+        raise DataError(f"{source}: .txt files hold plain text (one document per blank-line block; "
+                        f"data.txt_document=file: one per file), but data.format is {cfg.format!r}: set data.format=text")
+    locs: list[str] = []
+    raws: list[Any] = []
+    skipped = 0
+    for file in files:
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: empty file (no rows)")
+        _, file_locs, file_raws, file_skipped, _ = _scan_local(file, cfg)
+        locs += file_locs
+        raws += file_raws
+        skipped += file_skipped
+    return LoadedSplit(_clean_copy(raws, source), locs, skipped, from_csv=False, source=str(source), validated=True)
+
+
+def _clean_copy(raws: list[Any], shown: Path) -> datasets.Dataset:
+    """The rows through `datasets`' JSON builder, from a temporary JSONL (kept in memory, no cache left behind)."""
+    with tempfile.TemporaryDirectory(prefix="mistral_ft_data_") as tmp:
+        clean = Path(tmp) / "rows.jsonl"
+        with clean.open("w", encoding="utf-8") as fh:
+            for raw in raws:
+                fh.write(json.dumps(raw, ensure_ascii=False, default=str) + "\n")
+        return _datasets_load("json", str(clean), {"cache_dir": str(Path(tmp) / "cache")}, shown, in_memory=True)
+
+
+def _message_lists(raw: Any) -> Iterator[list[Any]]:
+    """The row's top-level lists of message objects (messages, a preference pair's conversations)."""
+    if isinstance(raw, dict):
+        for value in raw.values():
+            if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+                yield value
+
+
+def _has_content_parts(raw: Any) -> bool:
+    return any(isinstance(m["content"], list) for msgs in _message_lists(raw) for m in msgs)
+
+
+def _as_parts(raw: dict[str, Any]) -> dict[str, Any]:
+    """The row with every string content written as one text part: the same text (formats._content), one arrow type."""
+    out = dict(raw)
+    for key, value in raw.items():
+        if any(value is msgs for msgs in _message_lists(raw)):
+            # in a valid row "" is only the content of an assistant turn with tool calls, the same as None
+            out[key] = [dict(m, content=[{"type": "text", "text": m["content"]}] if m["content"] else None)
+                        if isinstance(m["content"], str) else m for m in value]
+    return out
 
 
 def _datasets_load(builder: str, file: str, kwargs: dict[str, Any], shown: Path, in_memory: bool = False) -> datasets.Dataset:
@@ -274,6 +380,26 @@ def _datasets_load(builder: str, file: str, kwargs: dict[str, Any], shown: Path,
         return datasets.load_dataset(builder, data_files=file, split="train", keep_in_memory=in_memory, **kwargs)
     except Exception as err:  # rows passed our checks, so this is about the file as a whole
         raise DataError(f"{shown}: `datasets` could not load the file: {type(err).__name__}: {err}") from err
+
+
+def _load_saved(path: Path, cfg: DataConfig, split: str) -> LoadedSplit:
+    """A `save_to_disk` folder: a `Dataset` is the split itself; a `DatasetDict` gives `split`."""
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as err:  # a folder `datasets` wrote, but damaged or from an incompatible version
+        raise DataError(f"{path}: `datasets.load_from_disk` could not read this save_to_disk folder: "
+                        f"{type(err).__name__}: {err}") from err
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{path}: this saved DatasetDict has no split {split!r} (it has {list(saved)}); "
+                            "set data.split / data.validation_split")
+        ds, source, one_split = saved[split], f"{path}[{split}]", False
+    else:
+        ds, source, one_split = saved, str(path), True
+    if len(ds) == 0:
+        raise DataError(f"{source}: empty split (no rows)")
+    locs = [f"{source}:row {i + 1}" for i in range(len(ds))]
+    return LoadedSplit(ds, locs, 0, from_csv=False, source=source, validated=False, one_split=one_split)
 
 
 def _load_named(name: str, cfg: DataConfig, split: str, local_dir: bool = False) -> LoadedSplit:
@@ -298,9 +424,9 @@ def _load_named(name: str, cfg: DataConfig, split: str, local_dir: bool = False)
 def load_split(source: str, cfg: DataConfig, split: Optional[str] = None) -> LoadedSplit:
     """Load one split from a local file (validated first) or a hub dataset name.
 
-    `split` names the hub split (default `cfg.split`); ignored for local files.
+    `split` names the hub (or saved `DatasetDict`) split (default `cfg.split`); ignored for local files.
     """
     path = resolve_data_path(source)
     if path is not None:
-        return _load_local(path, cfg)
+        return _load_local(path, cfg, split or cfg.split)
     return _load_named(source, cfg, split or cfg.split)

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mistral_ft.data.config import DataConfig
-from mistral_ft.data.dataset import DataInfo, choose_splits
+from mistral_ft.data.dataset import DataInfo, choose_splits, progress
 from mistral_ft.data.errors import DataError, tolerate
 from mistral_ft.data.formats import IGNORE_INDEX, ChatTokenizer
 
@@ -90,7 +90,7 @@ def _tokenize_pairs(locs: Sequence[str], rows: Sequence[Mapping[str, Any]], cfg:
     cols: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     truncated = skipped = 0
     limit = cfg.max_length
-    for loc, row in zip(locs, rows):
+    for loc, row in progress(zip(locs, rows), len(rows), "tokenizing pairs"):
         prompt, chosen, rejected = tokenize_pair(row, tokenizer)
         try:
             if len(prompt) >= limit:

@@ -38,7 +38,7 @@ from mistral_ft.errors import ConfigError
 from mistral_ft.training.schema import GENERATION_METRICS as METRICS, EvalSchema as EvalSettings
 
 # formats whose rows carry a reference answer (the last assistant turn after normalisation)
-REFERENCE_FORMATS = ("messages", "alpaca")
+REFERENCE_FORMATS = ("messages", "sharegpt", "alpaca")
 
 
 def normalise(text: str) -> str:

@@ -429,13 +429,15 @@ def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -
         errors.append(_msg("eval.metrics", f"unknown metric(s) {unknown} (known: {list(GENERATION_METRICS)})", sources))
     if ev.enabled and cfg["task"] != "causal_lm":
         errors.append(_msg("eval.enabled", f"generation metrics need task causal_lm, not {cfg['task']!r}", sources))
+    from mistral_ft.data.config import CAUSAL_FORMATS, PREFERENCE_FORMATS, SEQUENCE_FORMATS
+
     data_format = cfg["data"].get("format", "messages")
-    takes = {"causal_lm": ("text", "alpaca", "messages"), "classification": ("classification", "regression"),
-             "dpo": ("preference",), "reward": ("preference",)}
+    takes = {"causal_lm": CAUSAL_FORMATS, "classification": SEQUENCE_FORMATS,
+             "dpo": PREFERENCE_FORMATS, "reward": PREFERENCE_FORMATS}
     if data_format not in takes.get(cfg["task"], (data_format,)):
         errors.append(_msg("data.format", f"{data_format!r} does not fit task {cfg['task']!r} (causal_lm takes "
-                                          "text/alpaca/messages, classification takes classification/regression, "
-                                          "dpo and reward take preference)", sources))
+                                          f"{'/'.join(CAUSAL_FORMATS)}, classification takes {'/'.join(SEQUENCE_FORMATS)}, "
+                                          f"dpo and reward take {'/'.join(PREFERENCE_FORMATS)})", sources))
     if cfg.get("preference") is not None and cfg["task"] == "dpo":
         from mistral_ft.training.tasks.preference_loss import preference_settings
 

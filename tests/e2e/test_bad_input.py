@@ -215,6 +215,15 @@ CASES: dict[str, Callable] = {
     "jsonl_every_target_truncated": data_case([GOOD_CHAT, {"messages": [{"role": "user", "content": "word " * 80},
                                                                         {"role": "assistant", "content": "ok"}]}],
                                               2, "max_length", extra=["data.max_length=16"]),
+    # the formats users bring (docs/data.md)
+    "sharegpt_unknown_role": data_case([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+                                        {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}],
+                                       2, "conversations[1].from", extra=["data.format=sharegpt"]),
+    "content_part_image": data_case([{"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
+        {"role": "assistant", "content": "a cat"}]}], 1, "messages[0].content[1].type"),
+    "txt_without_format_text": data_case(b"a document\n", None, "set data.format=text", suffix=".txt"),
+    "alpaca_rows_under_messages": data_case([{"instruction": "hi", "output": "yo"}] * 3, 1, "set data.format=alpaca"),
     "classify_missing_label": data_case([{"text": "a", "label": "x"}, {"text": "b"}], 2, "field 'label'",
                                         fmt="classification"),
     "classify_mixed_label_types": data_case([{"text": "a", "label": "x"}, {"text": "b", "label": 1}], 2,
