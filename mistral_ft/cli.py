@@ -32,9 +32,10 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
     """Run `body()` and turn its exceptions into an exit status.
 
     `classify(err)` returns (message, status) for errors with a message of their own (bad input: status 2),
-    or None for anything else, which is re-raised (a traceback) with `raise_unknown` (generate and the
-    converter, until the reliability issue gives every command one policy), else reported as "`what` failed: Type: text" with status 1 after
-    `on_failure()` (e.g. logging the traceback to the run's log file).
+    or None for anything else: a bug, re-raised with its traceback (exit 1) with `raise_unknown` (generate
+    and the converter), else reported as "`what` failed: Type: text" with status 1 after `on_failure()`
+    (e.g. logging the traceback to the run's log file). Every CLI's `classify` uses `user_message`, so what
+    counts as bad input is decided in one place.
     """
     debug = debug_requested(args)
     try:

@@ -136,7 +136,8 @@ class Run:
                 k = key.replace(".modules_to_save.default.", ".").replace(".lora_magnitude_vector.default.weight",
                                                                             ".lora_magnitude_vector")
                 state[k.replace(".default.", ".")] = t
-            cfg = read_json_object(cfg_file, ExportError) if cfg_file.is_file() else lora_config(self.config["peft"], self.task)
+            cfg = (read_json_object(cfg_file, ExportError) if cfg_file.is_file()
+                   else lora_config(self.config["peft"], self.task))
         else:
             weights = folder / "adapter_model.safetensors"
             if not weights.is_file() or not cfg_file.is_file():
