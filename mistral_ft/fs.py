@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 from pathlib import Path
 
 from mistral_ft.errors import UserError
@@ -55,8 +54,13 @@ def out_of_space(err: OSError, path: str | os.PathLike | None = None) -> OutOfSp
                            "written is complete (resume=auto continues from it)")
 
 
+def temp_path(path: Path) -> Path:
+    """Where `atomic_write_bytes` writes before the rename: `.NAME.tmp-PID` in the same folder (never a
+    checkpoint candidate: runs.newest_checkpoint skips TMP_MARK)."""
+    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
 
-def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) -> None:
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
 
     temp file in the same folder (same file system: the rename is atomic) -> fsync -> os.replace ->
@@ -64,14 +68,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as fh:
-            if _kill_halfway:  # test hook: die with half the bytes on disk
-                fh.write(data[: len(data) // 2])
-                fh.flush()
-                os.fsync(fh.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -82,7 +81,6 @@ def atomic_write_bytes(path: Path, data: bytes, *, _kill_halfway: bool = False) 
             raise out_of_space(err, path) from None
         raise
     _fsync_dir(path.parent)
-
 
 
 def _fsync_dir(folder: Path) -> None:

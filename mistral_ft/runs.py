@@ -186,6 +186,80 @@ def check_base(record: Mapping[str, Any], folder: Path, where: Path) -> None:
                 "Pass base=PATH to the weights the run trained on.")
 
 
+# ---- reading a finished (or interrupted) run --------------------------------------------------------
+# The checkpoint's hyper-parameters that must equal the run folder's config.yaml: a checkpoint copied in
+# from another run would otherwise export (or load) onto the wrong base or adapter layout.
+RUN_IDENTITY = (("", ("task",)), ("model", ("name", "path")),
+                ("peft", ("method", "r", "alpha", "target_modules", "modules_to_save", "use_dora")))
+
+
+def read_run_config(run_dir: Path) -> Optional[dict[str, Any]]:
+    """`<run>/config.yaml` (what training wrote: resolved, secrets stripped) as a dict; None when absent."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a corrupt run folder: name the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{cfg_file}: not readable YAML ({first})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cfg_file}: expected a mapping of config sections, got {type(config).__name__}")
+    return config
+
+
+class RunFolder:
+    """A training run folder, or a checkpoint inside one, as training left it (the layout above).
+
+    `path` is the folder or a `.ckpt` (a file, or a sharded strategy=fsdp folder holding meta.pt); errors
+    are `error` (the caller's UserError class) and name `what=path`. Without a `.ckpt`, `checkpoint` is
+    None when the run exported its weights (adapter/ or model/), else checkpoints/last.ckpt.
+    """
+
+    def __init__(self, path: str | os.PathLike, error: type[UserError] = ExportError, what: str = "run_dir") -> None:
+        p = Path(path).expanduser().resolve()
+        self.checkpoint: Optional[Path] = None
+        if p.is_file() or (p / "meta.pt").is_file():
+            if p.suffix != ".ckpt":
+                raise error(f"{what}={path}: a file, but not a checkpoint (*.ckpt)")
+            self.checkpoint = p
+            p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        elif not p.is_dir():
+            raise error(f"{what}={path}: no such run folder or checkpoint")
+        self.dir = p
+        config = read_run_config(p)
+        if config is None:
+            raise error(f"{what}={path}: {p / 'config.yaml'} is missing (not a mistral_ft run folder)")
+        self.config: dict[str, Any] = config
+        self.method = str(config.get("peft", {}).get("method", "lora"))
+        self.task = TASK_MODEL.get(str(config.get("task", "causal_lm")), "causal_lm")  # the model it trained
+        if self.checkpoint is None and not self.exported_folder.is_dir():
+            last = p / "checkpoints" / "last.ckpt"
+            if not last.exists():
+                raise error(f"{what}={path}: neither {self.exported_folder} nor {last} exists "
+                            "(has the run saved anything yet?)")
+            self.checkpoint = last  # the run ended without writing adapter/ (save_adapter=false, or interrupted)
+
+    @property
+    def exported_folder(self) -> Path:
+        """What training exported: adapter/ (peft) or model/ (full fine-tuning)."""
+        return self.dir / ("model" if self.method == "none" else "adapter")
+
+    def identity_mismatches(self, hparams: Mapping[str, Any]) -> list[str]:
+        """How a checkpoint's hyper-parameters differ from config.yaml on the keys of RUN_IDENTITY."""
+        diffs = []
+        for section, keys in RUN_IDENTITY:
+            for key in keys:
+                ours = self.config.get(section, {}).get(key) if section else self.config.get(key)
+                theirs = hparams.get(section, {}).get(key) if section else hparams.get(key)
+                if ours != theirs:
+                    diffs.append(f"{section + '.' if section else ''}{key}: {theirs!r} in the checkpoint, {ours!r} in "
+                                 f"{self.dir / 'config.yaml'}")
+        return diffs
+
+
 def resolve_run(run: Path) -> tuple[Path, Path | None]:
     """A training run folder -> (model folder, adapter folder or None), from the layout train.py writes.
 
@@ -201,16 +275,9 @@ def resolve_run(run: Path) -> tuple[Path, Path | None]:
         base = read_adapter_config(adapter).get("base_model_name_or_path")
         if base and Path(base).expanduser().is_dir():
             return Path(base).expanduser(), adapter
-        cfg_file = run / "config.yaml"
-        if cfg_file.is_file():
-            from omegaconf import OmegaConf
-
-            try:
-                path = OmegaConf.select(OmegaConf.load(cfg_file), "model.path", default=None)
-            except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's parse errors: a corrupt file
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise GenerateError(f"--run {run}: {cfg_file} cannot be read ({first}); pass the base with "
-                                    "--model") from None
+        config = read_run_config(run)
+        if config is not None:
+            path = (config.get("model") or {}).get("path")
             if path:
                 return Path(str(path)).expanduser(), adapter
             return tiny_model_path(), adapter

@@ -43,7 +43,7 @@ from mistral_ft.model import MistralConfig, MistralForCausalLM, MistralForSequen
 from mistral_ft.model.config import read_json_object
 from mistral_ft.model.hub import is_hub_id
 from mistral_ft.model.weights import save_state_dict
-from mistral_ft.runs import BASE_RECORD, TASK_MODEL, check_base, model_folder
+from mistral_ft.runs import BASE_RECORD, CheckpointReadError, RunFolder, check_base, model_folder, read_checkpoint
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.tokenizer.files import find_in_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,47 +55,20 @@ CHECK_TEXT = "Export self-check: the quick brown fox jumps over 13 lazy dogs.\n 
 
 
 # ---- what a run holds -----------------------------------------------------------------------------
-class Run:
-    """A training run folder (or a checkpoint in one) as export needs it: config, weights, base, labels."""
+class Run(RunFolder):
+    """A training run folder (or a checkpoint in one) as export needs it: config, weights, base, labels.
+
+    The folder is read by `runs.RunFolder` (the one reader of the run layout); here: the checkpoint's
+    trainable weights, checked against the run's config, and what export derives from them.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        p = Path(path).expanduser().resolve()
-        self.ckpt: Optional[Path] = None
-        if p.is_file() or (p / "meta.pt").is_file():  # a .ckpt file, or a sharded (strategy=fsdp) .ckpt folder
-            if p.suffix != ".ckpt":
-                raise ExportError(f"run_dir={path}: a file, but not a checkpoint (*.ckpt)")
-            self.ckpt = p
-            p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-        elif not p.is_dir():
-            raise ExportError(f"run_dir={path}: no such run folder or checkpoint")
-        self.dir = p
-        cfg_file = p / "config.yaml"
-        if not cfg_file.is_file():
-            raise ExportError(f"run_dir={path}: {cfg_file} is missing (not a mistral_ft run folder)")
-        import yaml
-
-        try:
-            self.config: dict[str, Any] = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a corrupt run folder: name the file
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ExportError(f"{cfg_file}: not readable YAML ({first})") from None
-        if not isinstance(self.config, dict):
-            raise ExportError(f"{cfg_file}: expected a mapping of config sections, got {type(self.config).__name__}")
-        self.method = str(self.config.get("peft", {}).get("method", "lora"))
-        self.task = TASK_MODEL.get(str(self.config.get("task", "causal_lm")), "causal_lm")  # the model it trained
+        super().__init__(path, ExportError, "run_dir")
+        self.ckpt: Optional[Path] = self.checkpoint
         self.state: Optional[dict[str, torch.Tensor]] = None  # checkpoint weights, run-config-checked
         self.extra: dict[str, Any] = {}
-        if self.ckpt is None and not self._exported_folder().is_dir():
-            last = p / "checkpoints" / "last.ckpt"
-            if not last.exists():
-                raise ExportError(f"run_dir={path}: neither {self._exported_folder()} nor {last} exists "
-                                  "(has the run saved anything yet?)")
-            self.ckpt = last  # the run ended without writing adapter/ (save_adapter=false, or interrupted)
         if self.ckpt is not None:
             self._load_checkpoint()
-
-    def _exported_folder(self) -> Path:
-        return self.dir / ("model" if self.method == "none" else "adapter")
 
     def _load_checkpoint(self) -> None:
         """Read the checkpoint's trainable weights; refuse one trained with another config than the run's."""
@@ -104,19 +77,12 @@ class Run:
             if self.ckpt.is_dir():  # sharded (torch.distributed.checkpoint): read every rank's shards
                 ckpt = read_sharded_checkpoint(self.ckpt)
             else:
-                ckpt = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True)
+                ckpt = read_checkpoint(self.ckpt, mmap=True)
+        except CheckpointReadError:
+            raise
         except Exception as e:  # noqa: BLE001 - truncated file, not a checkpoint, ...
             raise ExportError(f"{self.ckpt}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-        hp = ckpt.get("hyper_parameters") or {}
-        diffs = []
-        for section, keys in (("", ("task",)), ("model", ("name", "path")),
-                              ("peft", ("method", "r", "alpha", "target_modules", "modules_to_save", "use_dora"))):
-            for key in keys:
-                ours = self.config.get(section, {}).get(key) if section else self.config.get(key)
-                theirs = hp.get(section, {}).get(key) if section else hp.get(key)
-                if ours != theirs:
-                    diffs.append(f"{section + '.' if section else ''}{key}: {theirs!r} in the checkpoint, {ours!r} in "
-                                 f"{self.dir / 'config.yaml'}")
+        diffs = self.identity_mismatches(ckpt.get("hyper_parameters") or {})
         if diffs:
             raise ExportError(f"{self.ckpt} was trained with another config than its run folder: " + "; ".join(diffs[:4]))
         self.extra = dict(ckpt.get("mistral_ft") or {})

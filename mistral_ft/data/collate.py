@@ -13,6 +13,11 @@ label at B's first position. That label must be -100, or the model would learn t
 from A: `pack_examples` refuses an example whose first label is a target (BOS never is).
 `document_ids` tell the model where the examples are, so no token attends across a boundary.
 After collation, padding has document id -1 (its own document), position 0, label -100.
+
+Causal batches also carry what the GPU hot path would otherwise compute on the device with a sync, computed
+here on the host once per batch: ``target_index`` (flattened positions whose next token is a target: the
+only rows the LM head needs), ``cu_seq_lens`` / ``max_seq_len`` (flash-attn varlen segments: rows, documents,
+padding runs; see ``mistral_ft.model.attention.varlen_segments``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from mistral_ft.data.formats import IGNORE_INDEX
+from mistral_ft.model.attention import target_positions, varlen_segments
 
 PAD_DOCUMENT_ID = -1
 
@@ -96,7 +102,8 @@ class Collator:
     """Pads a list of examples to the batch's longest (right padding) and makes tensors.
 
     Causal examples (`input_ids`, `labels`) -> input_ids, attention_mask, labels (pad -100);
-    packed rows also carry position_ids (pad 0) and document_ids (pad -1).
+    packed rows also carry position_ids (pad 0) and document_ids (pad -1); causal batches carry the host-side
+    ``target_index``, ``cu_seq_lens`` and ``max_seq_len`` (module docstring).
     Classification examples (`input_ids`, `label`) -> input_ids, attention_mask, labels of shape (B,)
     (long ids, or float targets for regression).
     `pad_to_multiple_of` rounds the padded length up (tensor-core friendly shapes).
@@ -142,4 +149,7 @@ class Collator:
         if "document_ids" in keys:
             batch["position_ids"] = pad("position_ids", 0)
             batch["document_ids"] = pad("document_ids", PAD_DOCUMENT_ID)
+        if "labels" in keys:
+            batch["target_index"] = target_positions(batch["labels"])
+            batch["cu_seq_lens"], batch["max_seq_len"] = varlen_segments(mask, batch.get("document_ids"))
         return batch

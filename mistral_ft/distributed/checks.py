@@ -69,7 +69,7 @@ def check_distributed(c: Mapping[str, Any], use_cuda: bool) -> None:
             "peft=qlora with strategy=fsdp is not supported: FSDP2 cannot shard bitsandbytes' packed 4-bit "
             "weights (Params4bit). Use peft=qlora with strategy=ddp (or auto on one device), or peft=lora / "
             "peft=dora with strategy=fsdp to shard a bf16 base.")
-    if strategy == "fsdp" and str(c["optimizer"]["name"]) == "adamw8bit":
+    if strategy == "fsdp" and str(c["optimizer"]["name"]) == "adamw8bit" and not c["optimizer"].get("_target_"):
         raise ConfigError("optimizer=adamw8bit with strategy=fsdp is not supported: bitsandbytes' 8-bit update "
                           "does not take FSDP2's sharded (DTensor) parameters. Use optimizer=adamw with strategy=fsdp "
                           "(its states are sharded too), or optimizer=adamw8bit with strategy=ddp.")

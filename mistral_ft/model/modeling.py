@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import varlen_segments
 from .cache import MistralCache
 from .config import MistralConfig
+from .losses import classification_loss_sum, infer_problem_type
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -185,17 +187,24 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs about masking, computed once per forward.
+    """What every layer's attention needs about masking, computed once per forward (never per layer).
 
     ``mask`` is a (B|1, 1, T, S) boolean "may attend" tensor, or None when plain causal attention (``is_causal``)
-    is exact: no padding, no documents, no cache, and the window covers the whole sequence.
+    is exact: no padding, no documents, no cache, and the window covers the whole sequence. ``sdpa_mask`` is
+    that mask with fully masked query rows opened (SDPA would return NaN for them).
+    ``cu_seq_lens`` / ``max_seq_len``: varlen segments over the flattened tokens (flash-attn; see
+    :func:`mistral_ft.model.attention.varlen_segments`); ``segments``: the same as host (row, start, end)
+    triples, for the per-document CPU path.
     """
 
     mask: torch.Tensor | None
-    key_valid: torch.Tensor | None = None  # (B, S) for the flash path
-    document_ids: torch.Tensor | None = None
     cached: bool = False
     block_mask: Any = None  # FlexAttention BlockMask (attn_implementation="flex_attention")
+    sdpa_mask: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    max_seq_len: int | None = None
+    segments: list[tuple[int, int, int]] | None = None
+    window_masks: dict[int, torch.Tensor] | None = None  # per segment length, built on first use (CPU path)
 
 
 _compiled_flex = None
@@ -203,22 +212,40 @@ _compiled_flex = None
 
 def flex_attention_fn(device: torch.device):
     """FlexAttention, compiled once per process on CUDA (uncompiled it is a slow reference); eager on CPU,
-    where it has a forward only (tests compare it with SDPA there)."""
+    where it has a forward only (tests compare it with SDPA there).
+
+    ``dynamic=None`` (automatic): the first length compiles a static kernel, a second one recompiles once with T
+    symbolic, and later lengths reuse it. ``dynamic=False`` recompiled for every new T until dynamo's cache limit
+    (8), then fell back to the slow eager kernel. With the collator's ``pad_to_multiple_of`` (128 on CUDA)
+    lengths come in few buckets anyway; tests/gpu counts the compiles.
+    """
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention, dynamic=None)
     return _compiled_flex
+
+
+_block_mask_cache: dict[tuple, Any] = {}
 
 
 def build_block_mask(B: int, T: int, window: int | None, key_valid: torch.Tensor | None,
                      document_ids: torch.Tensor | None, device: torch.device):
     """The rule of :func:`build_attention_mask` as a FlexAttention BlockMask: blocks entirely outside the window,
-    another document or padding are skipped, not computed and masked."""
+    another document or padding are skipped, not computed and masked.
+
+    Built once per forward (all layers of a window share it). Without padding or documents the mask depends
+    only on (T, window, device): cached by that shape, so a run of equal-length batches builds it once.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
+
+    shape_only = key_valid is None and document_ids is None
+    key = (T, window, str(device))
+    if shape_only and key in _block_mask_cache:
+        return _block_mask_cache[key]
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = kv_idx <= q_idx
@@ -230,8 +257,19 @@ def build_block_mask(B: int, T: int, window: int | None, key_valid: torch.Tensor
             ok = ok & (document_ids[b, q_idx] == document_ids[b, kv_idx])
         return ok
 
-    batch = B if key_valid is not None or document_ids is not None else None
-    return create_block_mask(mask_mod, batch, None, T, T, device=device)
+    batch = None if shape_only else B
+    block_mask = create_block_mask(mask_mod, batch, None, T, T, device=device)
+    if shape_only:
+        if len(_block_mask_cache) >= 16:  # a few buckets of lengths are normal; many mean unbucketed lengths
+            _block_mask_cache.pop(next(iter(_block_mask_cache)))
+        _block_mask_cache[key] = block_mask
+    return block_mask
+
+
+def sdpa_ready(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A query with no key to attend (a left-padding row) would give NaN in SDPA; let it see every key instead.
+    Its output is never used, and no valid query attends to it. Done once per forward, not per layer."""
+    return None if mask is None else mask | ~mask.any(dim=-1, keepdim=True)
 
 
 def build_attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None,
@@ -309,23 +347,44 @@ class MistralAttention(nn.Module):
             y, weights = self._eager(q, k, v, attn.mask, dropout)
         elif impl == "flash_attention_2" and not attn.cached:
             y = self._flash(q, k, v, attn, dropout)
+        elif attn.segments is not None:
+            y = self._sdpa_segments(q, k, v, attn, dropout)
         elif impl == "flex_attention" and attn.block_mask is not None:
             if dropout:
                 raise ValueError("attention_dropout is not supported with attn_implementation='flex_attention'")
             y = flex_attention_fn(q.device)(q, k, v, block_mask=attn.block_mask, scale=self.scaling,
                                             enable_gqa=self.num_key_value_groups > 1)
         else:
-            y = self._sdpa(q, k, v, attn.mask, dropout)
+            y = self._sdpa(q, k, v, attn.sdpa_mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y), weights
 
     def _sdpa(self, q, k, v, mask, dropout):
-        if mask is not None:
-            # A query with no key to attend (a left-padding row) would give NaN; let it see every key instead.
-            # Its output is never used, and no valid query attends to it.
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        """``mask``: :func:`sdpa_ready`'s (B|1, 1, T, S), or None for plain causal attention."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                               scale=self.scaling, enable_gqa=self.num_key_value_groups > 1)
+
+    def _sdpa_segments(self, q, k, v, attn: AttentionInputs, dropout):
+        """Packed rows on CPU: SDPA per (row, document) segment instead of over a dense T x T mask, so the cost
+        grows with the sum of squared document lengths, not T squared. Each segment is causal (with the window
+        as a small mask when the segment is longer than it); padding runs are segments of their own, whose
+        outputs are never used. Equal to the dense path at every real token (tests/unit/model)."""
+        W, rows = self.sliding_window, []
+        gqa = self.num_key_value_groups > 1
+        for b, start, end in attn.segments:
+            if start == 0:
+                rows.append([])
+            L = end - start
+            mask = None
+            if W is not None and L > W:
+                mask = attn.window_masks.get(L)
+                if mask is None:
+                    idx = torch.arange(L, device=q.device)
+                    mask = attn.window_masks[L] = build_attention_mask(idx, idx, W, None, None)[0, 0]
+            rows[-1].append(F.scaled_dot_product_attention(
+                q[b:b + 1, :, start:end], k[b:b + 1, :, start:end], v[b:b + 1, :, start:end], attn_mask=mask,
+                dropout_p=dropout, is_causal=mask is None, scale=self.scaling, enable_gqa=gqa))
+        return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)  # (B, nh, T, hd)
 
     def _eager(self, q, k, v, mask, dropout):
         """Explicit softmax(QK^T)V; masks with the dtype's minimum (not -inf) so fully masked rows stay finite."""
@@ -347,39 +406,29 @@ class MistralAttention(nn.Module):
             raise RuntimeError(
                 f"attn_implementation='flash_attention_2' needs CUDA tensors in float16/bfloat16; got {q.device.type} "
                 f"{q.dtype}. Load with torch_dtype=torch.bfloat16 on a GPU, or use attn_implementation='sdpa'.")
-        return flash_attention(q, k, v, attn.key_valid, attn.document_ids, self.sliding_window, self.scaling,
+        return flash_attention(q, k, v, attn.cu_seq_lens, attn.max_seq_len, self.sliding_window, self.scaling,
                                dropout, flash_attn_func, flash_attn_varlen_func)
 
 
-def flash_attention(q, k, v, key_valid, document_ids, window, scale, dropout, dense_fn, varlen_fn):
+def flash_attention(q, k, v, cu_seq_lens, max_seq_len, window, scale, dropout, dense_fn, varlen_fn):
     """Map our attention rule onto flash-attn's API (kept separate so tests can pass a plain-PyTorch stand-in).
 
     q: (B, nh, T, hd); k, v: (B, nkv, T, hd) (no cache). flash-attn takes (B, T, heads, hd), handles GQA itself,
     and its ``window_size=(left, right)`` counts keys *besides* the query: ``(W - 1, 0)`` is our ``i - W < j <= i``.
-    Padding and packed documents go through the varlen kernel, one segment per (row, document) run of tokens.
+    Padding and packed documents go through the varlen kernel over all B*T tokens, one segment per (row,
+    document, padding run) given by ``cu_seq_lens`` / ``max_seq_len`` (computed once per batch, on the host by
+    the collator): no gather, no ``nonzero``, no sync in the layer. ``cu_seq_lens=None``: the dense kernel.
+    Checked against a plain-PyTorch stand-in of flash-attn's documented semantics only (tests/unit/model).
     """
     B, nh, T, hd = q.shape
     win = (-1, -1) if window is None else (window - 1, 0)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, hd)
-    if key_valid is None and document_ids is None:
+    if cu_seq_lens is None:
         out = dense_fn(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=True, window_size=win)
         return out.transpose(1, 2)
-    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_valid is None else key_valid.bool()
-    seg = torch.arange(B, device=q.device)[:, None] * (T + 1)
-    seg = seg + (document_ids if document_ids is not None else torch.zeros_like(valid, dtype=torch.long))
-    flat_valid = valid.reshape(-1)
-    idx = flat_valid.nonzero().squeeze(-1)  # token order is kept, so each segment is a contiguous run
-    seg_v = seg.reshape(-1)[idx]
-    starts = torch.ones_like(seg_v, dtype=torch.bool)
-    starts[1:] = seg_v[1:] != seg_v[:-1]
-    start_pos = starts.nonzero().squeeze(-1)
-    cu = torch.cat([start_pos, torch.tensor([seg_v.numel()], device=q.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    qv, kv_, vv = (t.reshape(B * T, *t.shape[2:])[idx] for t in (q, k, v))
-    out_v = varlen_fn(qv, kv_, vv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                      dropout_p=dropout, softmax_scale=scale, causal=True, window_size=win)
-    out = q.new_zeros(B * T, nh, hd)
-    out[idx] = out_v
+    qv, kv_, vv = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))  # (B*T, heads, hd)
+    out = varlen_fn(qv, kv_, vv, cu_seqlens_q=cu_seq_lens, cu_seqlens_k=cu_seq_lens, max_seqlen_q=max_seq_len,
+                    max_seqlen_k=max_seq_len, dropout_p=dropout, softmax_scale=scale, causal=True, window_size=win)
     return out.view(B, T, nh, hd).transpose(1, 2)
 
 
@@ -526,6 +575,7 @@ class MistralModel(MistralPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, document_ids: torch.Tensor | None = None,
+                cu_seq_lens: torch.Tensor | None = None, max_seq_len: int | None = None,
                 ) -> BaseModelOutputWithPast | tuple:
         """Run the decoder.
 
@@ -534,6 +584,9 @@ class MistralModel(MistralPreTrainedModel):
             (generation derives them from the attention mask instead).
         past_key_values: a :class:`MistralCache` to read and extend (``use_cache=True`` makes one if None).
         document_ids: (B, T) for packed rows: tokens of different documents never attend to each other.
+        cu_seq_lens, max_seq_len: the varlen segments of (attention_mask, document_ids) as
+            :func:`mistral_ft.model.attention.varlen_segments` makes them (the collator does, on the host);
+            computed here when not given. Checked against the masks on CPU; trusted on a GPU (a check would sync).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -574,24 +627,11 @@ class MistralModel(MistralPreTrainedModel):
             attn = {}
             for W in windows:
                 k_index, key_valid = keys[W]
-                attn[W] = AttentionInputs(build_attention_mask(q_index, k_index, W, key_valid, None), cached=True)
+                mask = build_attention_mask(q_index, k_index, W, key_valid, None)
+                attn[W] = AttentionInputs(mask, cached=True, sdpa_mask=sdpa_ready(mask))
         else:
-            if new_valid is not None and device.type == "cpu" and bool(new_valid.all()):
-                new_valid = None  # no padding: keep the is_causal fast path (a free check on the host)
-            attn = {}
-            for W in windows:
-                need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
-                # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
-                need_mask = need_mask and (self.config.attn_implementation in ("sdpa", "eager")
-                                           or bool(output_attentions))
-                mask = None
-                if need_mask:
-                    idx = torch.arange(T, device=device)
-                    mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
-                block_mask = None
-                if self.config.attn_implementation == "flex_attention":
-                    block_mask = build_block_mask(B, T, W, new_valid, document_ids, device)
-                attn[W] = AttentionInputs(mask, key_valid=new_valid, document_ids=document_ids, block_mask=block_mask)
+            attn = self._attention_inputs(B, T, windows, new_valid, document_ids, cu_seq_lens, max_seq_len,
+                                          bool(output_attentions), device)
 
         rope = self.rotary_emb(inputs_embeds, position_ids)
         x = inputs_embeds
@@ -613,6 +653,51 @@ class MistralModel(MistralPreTrainedModel):
                                       tuple(all_hidden) if all_hidden is not None else None,
                                       tuple(all_attn) if all_attn is not None else None)
         return out if return_dict is not False else out.to_tuple()
+
+    def _attention_inputs(self, B, T, windows, new_valid, document_ids, cu_seq_lens, max_seq_len,
+                          output_attentions, device) -> dict[int | None, AttentionInputs]:
+        """Each window's masks for a forward without cache, in the form the backend takes, built once for all
+        layers: the dense rule (eager, sdpa), a BlockMask (flex), varlen segments (flash, and packed rows on
+        CPU, which run SDPA per document instead of over a dense T x T mask)."""
+        impl = self.config.attn_implementation
+        on_host = device.type == "cpu"
+        if new_valid is not None and on_host and bool(new_valid.all()):
+            new_valid = None  # no padding: keep the is_causal fast path (a free check on the host)
+        per_document = (on_host and impl == "sdpa" and document_ids is not None and not output_attentions)
+        segments = None
+        if (impl == "flash_attention_2" and not output_attentions and
+                (new_valid is not None or document_ids is not None or cu_seq_lens is not None)) or per_document:
+            if cu_seq_lens is None or on_host:  # made here when not given; on the host also a free check
+                if new_valid is None and document_ids is None:  # one segment per row
+                    cu, longest = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device), T
+                else:
+                    cu, longest = varlen_segments(new_valid, document_ids)
+                if cu_seq_lens is not None and not (torch.equal(cu_seq_lens.cpu().to(torch.int32), cu)
+                                                    and max_seq_len == longest):
+                    raise ValueError("cu_seq_lens / max_seq_len do not match attention_mask and document_ids "
+                                     "(make them with mistral_ft.model.attention.varlen_segments)")
+                cu_seq_lens, max_seq_len = cu, longest
+            if per_document:
+                bounds = cu_seq_lens.tolist()  # on the host already: no sync
+                segments = [(a // T, a % T, a % T + (b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+        attn = {}
+        for W in windows:
+            need_mask = new_valid is not None or document_ids is not None or (W is not None and T > W)
+            # flash and flex take the rule in their own form; the dense mask is only for sdpa/eager
+            need_mask = need_mask and (impl in ("sdpa", "eager") or output_attentions) and not per_document
+            mask = None
+            if need_mask:
+                idx = torch.arange(T, device=device)
+                mask = build_attention_mask(idx, idx, W, new_valid, document_ids)
+            block_mask = None
+            if impl == "flex_attention" and not output_attentions:
+                block_mask = build_block_mask(B, T, W, new_valid, document_ids, device)
+            eager = impl == "eager" or output_attentions
+            attn[W] = AttentionInputs(mask if eager else None, block_mask=block_mask,
+                                      sdpa_mask=None if eager else sdpa_ready(mask), cu_seq_lens=cu_seq_lens,
+                                      max_seq_len=max_seq_len, segments=segments,
+                                      window_masks={} if segments is not None else None)
+        return attn
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -670,11 +755,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                           reduction: str = "mean", select_targets: bool | None = None) -> torch.Tensor:
+                           reduction: str = "mean", select_targets: bool | None = None,
+                           target_index: torch.Tensor | None = None) -> torch.Tensor:
     """The same loss as :func:`causal_lm_loss`, without ever holding fp32 logits for the whole batch.
 
-    * Only target positions reach the head (on CPU, where selecting them costs no device sync): prompt and
-      padding tokens get no logits at all. On CUDA all positions go through (selection would sync).
+    * Only target positions reach the head: prompt and padding tokens get no logits at all. ``target_index``
+      (flattened positions, :func:`mistral_ft.model.attention.target_positions`, made by the collator on the
+      host) selects them on any device without a sync; without it they are found here on CPU (free there),
+      while on CUDA all positions go through, masked inside the chunks (finding them would sync).
     * A plain ``nn.Linear`` head uses :class:`_LinearCrossEntropy` (gradients computed in the forward, one
       chunk of logits at a time). A head wrapped by peft (LoRA on lm_head, modules_to_save) goes through
       checkpointed chunks instead: the wrapper's own forward runs, recomputed in backward.
@@ -687,10 +775,18 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: tor
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
     targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
-    count = (targets != -100).sum()
-    if (h.device.type == "cpu") if select_targets is None else select_targets:
-        keep = (targets != -100).nonzero().squeeze(-1)
-        h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+    if target_index is not None and h.device.type == "cpu" and not torch.equal(
+            target_index.to(h.device), (targets != -100).nonzero().squeeze(-1)):
+        raise ValueError("target_index does not match labels (make it with mistral_ft.model.attention."
+                         "target_positions)")  # checked where it is free; trusted on a GPU
+    if target_index is None and ((h.device.type == "cpu") if select_targets is None else select_targets):
+        target_index = (targets != -100).nonzero().squeeze(-1)
+    if target_index is not None:
+        target_index = target_index.to(h.device)
+        h, targets = h.index_select(0, target_index), targets.index_select(0, target_index)
+        count = target_index.numel()  # the shape is known on the host: no sync
+    else:
+        count = (targets != -100).sum()
     if type(lm_head) is nn.Linear and lm_head.bias is None:
         total = _LinearCrossEntropy.apply(h, lm_head.weight, targets, chunk_size)
     else:
@@ -725,18 +821,22 @@ class MistralForCausalLM(MistralPreTrainedModel):
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 document_ids: torch.Tensor | None = None, loss_reduction: str = "mean",
                 loss_chunk_size: int | None = None, return_logits: bool = True, logits_to_keep: int = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
+                cu_seq_lens: torch.Tensor | None = None, max_seq_len: int | None = None,
+                target_index: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast | tuple:
         """Besides the HF arguments: ``document_ids`` (packed rows), ``loss_reduction`` ("mean" | "sum"),
         ``loss_chunk_size`` (compute the loss ``loss_chunk_size`` tokens at a time, see
         :func:`chunked_causal_lm_loss`) and ``return_logits=False`` (skip the full logits when only the loss
         is needed: with chunking, training never materialises (B, T, V)). ``logits_to_keep=N`` (as in
-        transformers) returns logits for the last N positions only: a prefill needs just the last one."""
+        transformers) returns logits for the last N positions only: a prefill needs just the last one.
+        ``cu_seq_lens`` / ``max_seq_len`` (varlen segments) and ``target_index`` (positions with a target, for
+        the chunked loss) are what the collator computes on the host, so the step needs no device sync."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_attentions, output_hidden_states, True, document_ids)
+                         output_attentions, output_hidden_states, True, document_ids, cu_seq_lens, max_seq_len)
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None and loss_chunk_size:
-            loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, loss_chunk_size, loss_reduction)
+            loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, loss_chunk_size, loss_reduction,
+                                          target_index=target_index)
         if labels is not None and loss is None:
             logits = self.lm_head(hidden)  # (B, T, V)
             loss = causal_lm_loss(logits, labels, loss_reduction)
@@ -805,19 +905,8 @@ class MistralForSequenceClassification(MistralPreTrainedModel):
         return res if return_dict is not False else res.to_tuple()
 
     def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(pooled.device)
+        """transformers' mean loss: the shared summed loss (model/losses.py) over the examples it counts."""
         if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        kind = self.config.problem_type
-        if kind == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
-            return F.mse_loss(pooled, labels.to(pooled.dtype))
-        if kind == "single_label_classification":
-            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+            self.config.problem_type = infer_problem_type(self.num_labels, labels)
+        total, n = classification_loss_sum(pooled, labels, self.config.problem_type)
+        return (total / n).to(pooled.dtype)

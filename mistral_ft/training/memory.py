@@ -78,7 +78,8 @@ def log_memory_plan(c: Mapping[str, Any], model: nn.Module, trainable: int, tota
         hidden_size=int(getattr(config, "hidden_size", 4096)), num_layers=int(getattr(config, "num_hidden_layers", 32)),
         batch_size=int(data.get("batch_size", 1)), seq_len=int(data.get("max_length", 2048)),
         dtype=str(c["model"].get("dtype", "bfloat16")), method=str(c["peft"]["method"]),
-        strategy=str(c["strategy"]["name"]), world=world, optimizer=str(c["optimizer"]["name"]),
+        strategy=str(c["strategy"]["name"]), world=world,
+        optimizer=str(c["optimizer"].get("_target_") or c["optimizer"]["name"]),  # a user's class: counted as AdamW
         gradient_checkpointing=bool(c["model"].get("gradient_checkpointing")
                                     or c["strategy"].get("activation_checkpointing")),
         vocab_size=int(getattr(config, "vocab_size", 0) or 0),

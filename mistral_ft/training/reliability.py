@@ -1,4 +1,4 @@
-"""Crash safety: atomic checkpoints, `resume=auto`, non-finite steps, out-of-memory advice, test hooks.
+"""Crash safety: atomic checkpoints, `resume=auto`, non-finite steps, out-of-memory advice.
 
 Why each piece exists
 ---------------------
@@ -21,22 +21,18 @@ Why each piece exists
   and every later checkpoint. `check_nonfinite` stops before the optimizer step (so no checkpoint is
   written after the bad step) or, with `skip_nonfinite=true`, drops that step's gradients.
 
-Test-only hooks (environment variables, read once when the Trainer is built; never set in production):
-
-    MISTRAL_FT_TEST_KILL=step:N        SIGKILL this process after optimizer step N (before its checkpoint)
-    MISTRAL_FT_TEST_KILL=ckpt_write:K  SIGKILL in the middle of the K-th checkpoint write of this process
-                                       (half the bytes written to the temporary file)
-    MISTRAL_FT_TEST_NAN=grad:N | loss:N   make step N's gradients / loss NaN
-    MISTRAL_FT_TEST_OOM=step:N         raise torch.OutOfMemoryError at step N (the CUDA error, on any device)
+Fault injection (tests only) lives outside this package: tests/helpers/faults.py holds Lightning
+callbacks (kill after step N, NaN gradient or loss, out-of-memory) that a test adds with
+`+callbacks.fault._target_=tests.helpers.faults.KillAfterStep +callbacks.fault.step=4`, and one that
+dies halfway through the K-th checkpoint write by wrapping `AtomicCheckpointIO.write`, the one place
+checkpoint bytes reach the disk. A production run carries none of it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import random
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -52,31 +48,11 @@ from mistral_ft.runs import read_checkpoint
 
 log = logging.getLogger("mistral_ft.reliability")
 
-KILL_ENV = "MISTRAL_FT_TEST_KILL"
-NAN_ENV = "MISTRAL_FT_TEST_NAN"
-OOM_ENV = "MISTRAL_FT_TEST_OOM"
-
-
 class NonFiniteError(TrainingStopped):
     """Training stopped at a step whose loss or gradients were NaN/inf (message: step, batches, what)."""
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------
-
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy a (complete) checkpoint to `dst` atomically, e.g. the final step-N.ckpt to last.ckpt."""
-    write_checkpoint_bytes(Path(dst), Path(src).read_bytes())
-
-
-_checkpoint_writes = 0  # checkpoint files written by this process (the ckpt_write:K test hook counts them)
-
-
-def write_checkpoint_bytes(path: Path, data: bytes) -> None:
-    """`atomic_write_bytes` for a checkpoint file, counted for MISTRAL_FT_TEST_KILL=ckpt_write:K."""
-    global _checkpoint_writes
-    _checkpoint_writes += 1
-    atomic_write_bytes(path, data, _kill_halfway=_checkpoint_writes == _hook_value(KILL_ENV, "ckpt_write"))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -87,12 +63,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     never unpickle code (`weights_only=True`): our checkpoints hold only tensors and plain containers.
     """
 
+    @staticmethod
+    def of(trainer: Any) -> "AtomicCheckpointIO":
+        """The trainer's own instance (what a test's fault callback wraps), or a new one (fsdp has none)."""
+        io_ = getattr(trainer.strategy, "checkpoint_io", None)
+        return io_ if isinstance(io_, AtomicCheckpointIO) else AtomicCheckpointIO()
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Every checkpoint file goes through here: step-N.ckpt, last.ckpt and the final copy."""
+        atomic_write_bytes(path, data)
+
+    def copy(self, src: Path, dst: Path) -> None:
+        """Copy a (complete) checkpoint to `dst` atomically, e.g. the final step-N.ckpt to last.ckpt."""
+        self.write(Path(dst), Path(src).read_bytes())
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        write_checkpoint_bytes(Path(path), buf.getvalue())
+        self.write(Path(path), buf.getvalue())
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         return read_checkpoint(Path(path), map_location=map_location)
@@ -165,23 +155,30 @@ class RngStates(Callback):
 
 
 
-# ---- resume=auto -------------------------------------------------------------------------------------
-
-
 # ---- non-finite steps --------------------------------------------------------------------------------
 def grad_probe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
     """0.0 when every gradient is finite, NaN otherwise, as a device tensor (no host sync).
 
-    0 * sum(grad) is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
+    0 * max|grad| is 0 for finite values and NaN for inf/NaN; added to the step loss before the one
     all-reduce the step already does, it costs a pass over the gradients (clipping does the same) and
     no extra host sync.
     """
-    # FSDP2 grads are DTensors: probe the local shard (a DTensor sum cannot join the plain all-reduce below)
-    sums = [getattr(p.grad, "_local_tensor", p.grad).detach().sum().float()
-            for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not sums:
+    grads = trainable_grads(optimizer)
+    if not grads:
         return torch.zeros((), device=device)
-    return torch.stack([s.to(device) for s in sums]).sum() * 0.0
+    # one fused max-|g| per tensor (a multi-tensor kernel on CUDA, not one reduction launch per gradient);
+    # the max norm is inf/NaN exactly when a value is, and cannot overflow as a sum of squares could
+    peaks = torch._foreach_norm(grads, ord=float("inf"), dtype=torch.float32)
+    if any(p.device != device for p in peaks):  # CPU-offloaded grads: gather the few scalars first
+        peaks = [p.to(device) for p in peaks]
+    return torch.stack(peaks).sum() * 0.0
+
+
+def trainable_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's gradients as plain tensors (FSDP2's DTensor grads: their local shards, which are what a
+    probe or an in-place rescale needs, and which a plain all-reduce can join)."""
+    return [getattr(p.grad, "_local_tensor", p.grad) for g in optimizer.param_groups for p in g["params"]
+            if p.grad is not None]
 
 
 def check_nonfinite(module: Any, optimizer: torch.optim.Optimizer, step_loss: float, local_loss: torch.Tensor) -> bool:
@@ -203,7 +200,7 @@ def check_nonfinite(module: Any, optimizer: torch.optim.Optimizer, step_loss: fl
     what = ("loss " + ("is finite" if loss_ok else "is not finite")
             + (f"; non-finite gradients in {len(bad)} tensor(s), e.g. {bad[0]}" if bad else ""))
     where = f"optimizer step {step} (batch index {batches}, epoch {module.current_epoch})"
-    if bool((module.hparams or {}).get("skip_nonfinite", False)):
+    if module.settings.skip_nonfinite:
         for g in optimizer.param_groups:
             for p in g["params"]:
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
@@ -240,44 +237,3 @@ def oom_advice(c: Mapping[str, Any]) -> str:
     if c.get("peft", {}).get("method") != "qlora":
         lines.append("  peft=qlora   (4-bit base weights)")
     return "\n".join(lines)
-
-
-# ---- test hooks --------------------------------------------------------------------------------------
-def _hook_value(env: str, kind: str) -> Optional[int]:
-    """N from `env=kind:N`, else None."""
-    value = os.environ.get(env, "")
-    k, _, n = value.partition(":")
-    if k == kind and n.strip().isdigit():
-        return int(n)
-    return None
-
-
-def hook_callbacks() -> list[Any]:
-    """Callbacks for the test-only environment variables (an empty list when none is set)."""
-    import lightning as L
-
-    kill_step = _hook_value(KILL_ENV, "step")
-    nan_grad, nan_loss = _hook_value(NAN_ENV, "grad"), _hook_value(NAN_ENV, "loss")
-    oom_step = _hook_value(OOM_ENV, "step")
-    if kill_step is None and nan_grad is None and nan_loss is None and oom_step is None:
-        return []
-
-    class TestHooks(L.Callback):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if oom_step is not None and trainer.global_step == oom_step:
-                raise torch.OutOfMemoryError(f"CUDA out of memory (test hook {OOM_ENV}=step:{oom_step})")
-
-        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.global_step == nan_grad:
-                p = next(p for p in pl_module.parameters() if p.grad is not None)
-                p.grad.view(-1)[0] = float("nan")
-            if trainer.global_step == nan_loss:
-                pl_module._acc_loss = pl_module._acc_loss + float("inf")
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            # runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last)
-            if kill_step is not None and trainer.global_step == kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return [TestHooks()]
-

@@ -28,14 +28,14 @@ from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resum
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
-from mistral_ft.training.registry import build, resolve_precision
+from mistral_ft.training.registry import HEADS, build, build_callbacks, resolve_precision
 from mistral_ft.lock import FolderLock
 from mistral_ft.masking import mask_log_handlers
-from mistral_ft.training.reliability import AtomicCheckpointIO, atomic_copy, hook_callbacks, oom_advice, RngStates
+from mistral_ft.training.reliability import AtomicCheckpointIO, oom_advice, RngStates
 from mistral_ft.training.evaluation import GenerationEval, load_references
 from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
 from mistral_ft.training.summary import print_report, write_summary, write_yaml
-from mistral_ft.training.tasks import TASKS
+from mistral_ft.training.tasks import TASKS, TaskSettings
 
 log = logging.getLogger("mistral_ft.train")
 
@@ -89,6 +89,10 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     if vocab_problem:  # ids past the embedding would fail (CPU) or read garbage (CUDA) mid-training
         raise ConfigError(vocab_problem)
     data_cfg = dict(c["data"])
+    if use_cuda and data_cfg.get("pad_to_multiple_of") is None:
+        # bucketed lengths on CUDA: few distinct shapes (FlexAttention and torch.compile recompile per shape;
+        # tensor cores like multiples of 128); unset stays unset on CPU, where padding is pure extra work
+        data_cfg["pad_to_multiple_of"] = 128
     batch_size = int(data_cfg.pop("batch_size"))
     eval_batch_size = data_cfg.pop("eval_batch_size", None)
     task = str(c["task"])
@@ -108,7 +112,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
 
     hparams = strip_secrets(c)
     hparams["data_info"] = info.to_dict()
-    module = TASKS[task](model, hparams)
+    module = TASKS[task](model, TaskSettings.from_config(c), hparams)
     module.generation_eval = generation_eval
 
     trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
@@ -125,7 +129,8 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
         raise TrainingStopped(f"{oom_advice(c)}\n(at optimizer step {trainer.global_step}: "
                               f"{str(err).strip().splitlines()[0][:200]})") from err
     finally:
-        if c["logger"]["name"] == "wandb":  # or the next run of a -m sweep would log into this W&B run
+        # or the next run of a -m sweep would log into this W&B run
+        if c["logger"].get("name") == "wandb" and not c["logger"].get("_target_"):
             import wandb
 
             wandb.finish()
@@ -157,7 +162,7 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
         shutil.rmtree(last, ignore_errors=True)
         shutil.copytree(final, last)
     else:
-        atomic_copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
+        AtomicCheckpointIO.of(trainer).copy(final, last)  # a kill here leaves the previous last.ckpt, never a torn one
     exported = export_weights(module.model, run_dir, c, tokenizer, state_dict=gathered) if c["checkpoint"]["save_adapter"] else None
     summary = write_summary(module, trainer, run_dir, c, info, recipe=(choices or {}).get("recipe"), tokens=tokens, targets=targets, wall_s=time.perf_counter() - t_wall,
                             trainable=trainable, total=total, exported=exported)
@@ -182,21 +187,14 @@ def load_model(c: Mapping[str, Any], model_path: str, info: Any, device: Any) ->
     kwargs: dict[str, Any] = dict(torch_dtype=c["model"]["dtype"], device=device,
                                   attn_implementation=resolve_attn_implementation(c["model"]["attn_implementation"],
                                                                                   device))
-    if TASK_MODEL[c["task"]] == "causal_lm":
-        return MistralForCausalLM.from_pretrained(model_path, **kwargs)
-    if c["task"] == "reward":  # one scalar score per sequence
-        kwargs.update(num_labels=1, problem_type="regression")
-    elif info.format == "regression":
-        kwargs.update(num_labels=1, problem_type="regression")
-    else:
-        id2label = {int(k): str(v) for k, v in (info.id2label or {}).items()}
-        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                      problem_type="single_label_classification")
-    return MistralForSequenceClassification.from_pretrained(model_path, **kwargs)
+    kind, head = HEADS[str(c["task"])](info)  # the head: lm_head, or a score layer sized from the data's labels
+    model_class = MistralForCausalLM if kind == "causal_lm" else MistralForSequenceClassification
+    return model_class.from_pretrained(model_path, **kwargs, **head)
 
 
 def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
-    """A Lightning Trainer from `trainer.*` plus the strategy / logger groups and our callbacks."""
+    """A Lightning Trainer from `trainer.*` plus the strategy / logger groups, our callbacks and the
+    `callbacks` group's (a user's own, e.g. `+callbacks.my_cb._target_=my.Callback`)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -213,7 +211,7 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
                          logger=build("logger", c["logger"], run_dir),
-                         callbacks=[RngStates(), checkpoint, *hook_callbacks()], plugins=plugins,
+                         callbacks=[RngStates(), checkpoint, *build_callbacks(c.get("callbacks"))], plugins=plugins,
                          default_root_dir=str(run_dir))
     except (ValueError, MisconfigurationException) as err:
         raise ConfigError(f"trainer: {err} (trainer.accelerator={trainer_args.get('accelerator')!r}, "

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 from mistral_ft.errors import ConfigError
 from mistral_ft.masking import MASK, is_secret_key
-from mistral_ft.training.registry import LOGGERS, STRATEGIES
+from mistral_ft.training.registry import HEADS, LOGGERS, OPTIMIZERS, SCHEDULERS, STRATEGIES, TARGET_GROUPS, check_target
 
 
 @dataclasses.dataclass
@@ -56,6 +56,8 @@ class PeftSchema:
     compute_dtype: str = "auto"     # qlora: auto = bf16 on GPU, fp32 on CPU
 
 
+# optimizer, scheduler, logger: a built-in `name:` (training/registry.py), or `_target_: my.module.Class`
+# whose other keys are its keyword arguments (checked against its signature, not against these fields).
 @dataclasses.dataclass
 class OptimizerSchema:
     name: str
@@ -63,6 +65,7 @@ class OptimizerSchema:
     weight_decay: float = 0.0
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    _target_: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -70,6 +73,7 @@ class SchedulerSchema:
     name: str
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    _target_: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -90,6 +94,7 @@ class LoggerSchema:
     entity: Optional[str] = None
     offline: bool = False
     tags: list[str] = dataclasses.field(default_factory=list)
+    _target_: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -135,17 +140,18 @@ class RunSchema:
     lock: Optional[dict] = None  # {break: bool}: take over another host's run.lock (mistral_ft/lock.py)
     skip_nonfinite: bool = False  # NaN/inf step: false = stop (keep the last good checkpoint), true = skip it
     preference: Optional[dict] = None  # task=dpo: loss_type, beta, ... (checked by tasks.preference.preference_settings)
+    callbacks: dict = dataclasses.field(default_factory=dict)  # NAME: {_target_: a Lightning Callback, its kwargs}
 
 
 CHOICES = {
-    "task": ("causal_lm", "classification", "dpo", "reward"),
+    "task": tuple(HEADS),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "peft.method": ("lora", "dora", "qlora", "none"),
     "peft.quant_type": ("nf4", "fp4"),
     "peft.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "optimizer.name": ("adamw", "adamw8bit"),
-    "scheduler.name": ("cosine", "constant"),
+    "optimizer.name": tuple(OPTIMIZERS),
+    "scheduler.name": tuple(SCHEDULERS),
     "strategy.name": tuple(STRATEGIES),
     "logger.name": tuple(LOGGERS),
 }
@@ -245,11 +251,15 @@ def validate_config(cfg: Mapping[str, Any], sources: Optional[Sources] = None) -
         _check_data(cfg["data"], errors, sources)
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
+        if dotted.endswith(".name") and _get(cfg, dotted.rsplit(".", 1)[0] + "._target_") not in (_MISSING, None):
+            continue  # a user's class: its name is not ours to check
         if value is not _MISSING and value not in allowed:
             errors.append(_msg(dotted, f"{value!r} is not one of {list(allowed)}", sources))
     for dotted, value in _numbers(cfg, ""):  # NaN passes every `<`/`>` range check (False both ways)
         if not math.isfinite(value):
             errors.append(_msg(dotted, f"{value!r} is not a finite number", sources))
+    if not errors:
+        _check_targets(cfg, errors, sources)
     if not errors:
         _check_values(cfg, errors, sources)
     if errors:
@@ -295,8 +305,9 @@ def _check_dataclass(schema: type, node: Any, prefix: str, errors: list[str], so
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
+    user_class = "_target_" in fields and node.get("_target_") is not None  # its keys: checked by _check_targets
     for key in node:
-        if key not in fields and key != "hydra":
+        if key not in fields and key != "hydra" and not user_class:
             errors.append(_unknown(prefix + str(key), str(key), list(fields), sources))
     for name, field in fields.items():
         dotted = prefix + name
@@ -360,8 +371,9 @@ def _check_trainer(trainer: Mapping[str, Any], errors: list[str], sources: Sourc
     for key, value in trainer.items():
         dotted = f"trainer.{key}"
         if key in MANAGED_TRAINER_KEYS:
-            errors.append(_msg(dotted, "is set by mistral_ft (use the logger / strategy groups; the run folder "
-                                       "is hydra.run.dir)", sources))
+            errors.append(_msg(dotted, "is set by mistral_ft (use the logger / strategy / callbacks groups, e.g. "
+                                       "callbacks=[early_stopping,lr_monitor] or +callbacks.NAME._target_=CLASS; "
+                                       "the run folder is hydra.run.dir)", sources))
         elif key not in params:
             errors.append(_unknown(dotted, key, valid, sources))
     for key in ("max_steps", "accumulate_grad_batches", "log_every_n_steps"):
@@ -400,6 +412,22 @@ def _check_data(data: Mapping[str, Any], errors: list[str], sources: Sources) ->
             errors.append(_msg(dotted, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", sources))
     if "batch_size" not in data:
         errors.append(_msg("data.batch_size", "required key is missing", sources))
+
+
+def _check_targets(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -> None:
+    """Each `_target_` (optimizer, scheduler, logger, callbacks.NAME) imports and takes its config's keys."""
+    nodes = [(g, g, cfg.get(g)) for g in TARGET_GROUPS if g != "callbacks"]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not isinstance(node, Mapping) or not node.get("_target_"):
+            errors.append(_msg(f"callbacks.{name}", f"expected a mapping with _target_: a Lightning Callback class, "
+                                                   f"got {node!r}", sources))
+            continue
+        nodes.append(("callbacks", f"callbacks.{name}", node))
+    for group, dotted, node in nodes:
+        if isinstance(node, Mapping) and node.get("_target_") is not None:
+            problem = check_target(dotted, node, group)
+            if problem:
+                errors.append(_msg(f"{dotted}._target_", problem, sources))
 
 
 def _check_values(cfg: Mapping[str, Any], errors: list[str], sources: Sources) -> None:

@@ -103,7 +103,7 @@ def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, tor
 
     from mistral_ft.model import MistralForCausalLM
     from mistral_ft.model.tiny import tiny_model_path
-    from mistral_ft.training.tasks import DPOTask
+    from mistral_ft.training.tasks import DPOTask, TaskSettings
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -115,7 +115,7 @@ def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, tor
            "scheduler": {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}, "task": "dpo",
            "preference": {"beta": 0.5}}
     model = MistralForCausalLM.from_pretrained(str(tiny_model_path()))
-    module = DPOTask(model, cfg)
+    module = DPOTask(model, TaskSettings.from_config(cfg), cfg)
     with torch.no_grad():  # move the policy off the reference, so that pairs differ in their gradients
         model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight, generator=torch.Generator().manual_seed(0)))
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,

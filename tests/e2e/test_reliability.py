@@ -4,8 +4,9 @@ The killed runs are real processes: children of a multiprocessing forkserver tha
 Lightning and mistral_ft once (saves ~10 s per kill on this machine; a plain fork of the test process
 can deadlock in torch's thread pool) in the default suite, and fresh
 `python -m mistral_ft.train` subprocesses in the slow test. The kill point is made deterministic by
-the test-only MISTRAL_FT_TEST_KILL hook (mistral_ft/reliability.py): "step:N" after optimizer step N,
-before its checkpoint; "ckpt_write:K" with half of the K-th checkpoint file written.
+a fault callback from tests/helpers/faults.py added through the callbacks group (production code holds no
+test hooks): "step:N" after optimizer step N, before its checkpoint; "ckpt_write:K" with half of the K-th
+checkpoint file written.
 
 Each resumed run must log exactly the per-step losses of one uninterrupted run with the same seed
 (fp32 on CPU) with the recipe's LoRA dropout 0.05 on: dropout masks after the resume come from the random
@@ -29,6 +30,8 @@ from mistral_ft.runs import CheckpointReadError, newest_checkpoint, read_checkpo
 from mistral_ft.training.reliability import AtomicCheckpointIO
 from mistral_ft.train import main
 
+from helpers.faults import fault_args
+
 STEPS = 8
 EVERY = 3
 RUN_ARGS = ["recipe=instruct_lora", "model=tiny", f"trainer.max_steps={STEPS}", f"checkpoint.every_n_train_steps={EVERY}",
@@ -50,12 +53,18 @@ def _child(argv: list[str], env: dict[str, str], threads: int) -> None:
     os._exit(main(argv))
 
 
+def _kill_args(kill: str) -> list[str]:
+    """"step:N" / "ckpt_write:K" -> the overrides adding that fault callback."""
+    kind, _, n = kill.partition(":")
+    return fault_args("KillAfterStep", step=n) if kind == "step" else fault_args("KillDuringWrite", write=n)
+
+
 def _killed_fork(run: Path, kill: str) -> int:
-    """Run training in a forkserver child with the kill hook; returns its exit code (-9 when killed)."""
+    """Run training in a forkserver child with a kill fault; returns its exit code (-9 when killed)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "lightning", "peft", "mistral_ft.train"])
-    proc = ctx.Process(target=_child, args=(RUN_ARGS + [f"hydra.run.dir={run}", "resume=auto"],
-                                            {"MISTRAL_FT_TEST_KILL": kill}, torch.get_num_threads()))
+    proc = ctx.Process(target=_child, args=(RUN_ARGS + [f"hydra.run.dir={run}", "resume=auto", *_kill_args(kill)],
+                                            {}, torch.get_num_threads()))
     proc.start()
     proc.join(timeout=300)
     return proc.exitcode
@@ -110,8 +119,11 @@ def test_ten_kills_in_fresh_subprocesses(tmp_path, reference):
     assert len(SLOW_KILLS) == 10
     for kill in SLOW_KILLS:
         run = tmp_path / kill.replace(":", "_")
-        env = {**os.environ, "MISTRAL_FT_TEST_KILL": kill, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        proc = subprocess.run([sys.executable, "-m", "mistral_ft.train", *RUN_ARGS, f"hydra.run.dir={run}", "resume=auto"],
+        tests = str(Path(__file__).resolve().parents[1])  # helpers.faults
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+               "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-m", "mistral_ft.train", *RUN_ARGS, f"hydra.run.dir={run}", "resume=auto",
+                               *_kill_args(kill)],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == -9, (kill, proc.stderr[-2000:])
         _resume_and_compare(run, reference)
@@ -177,10 +189,9 @@ NAN_ARGS = [a for a in RUN_ARGS if not a.startswith(("trainer.max_steps", "check
     "trainer.max_steps=6", "checkpoint.every_n_train_steps=2"]
 
 
-def test_nonfinite_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MISTRAL_FT_TEST_NAN", "grad:3")
+def test_nonfinite_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(NAN_ARGS + [f"hydra.run.dir={run}"])
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}", *fault_args("NonFinite", kind="grad", step=3)])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "non-finite training step at optimizer step 3 (batch index 3, epoch 0)" in err
@@ -191,10 +202,9 @@ def test_nonfinite_gradient_stops_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert not (run / "summary.json").exists()
 
 
-def test_nonfinite_loss_is_skipped_and_counted_when_configured(tmp_path, monkeypatch):
-    monkeypatch.setenv("MISTRAL_FT_TEST_NAN", "loss:3")
+def test_nonfinite_loss_is_skipped_and_counted_when_configured(tmp_path):
     run = tmp_path / "run"
-    assert main(NAN_ARGS + [f"hydra.run.dir={run}", "skip_nonfinite=true"]) == 0
+    assert main(NAN_ARGS + [f"hydra.run.dir={run}", "skip_nonfinite=true", *fault_args("NonFinite", kind="loss", step=3)]) == 0
     s = _summary(run)
     assert s["global_step"] == 6 and s["nonfinite_skipped"] == 1 and s["nonfinite_skips"][0]["step"] == 3
     assert [step for step, _ in s["loss_history"]] == [0, 1, 2, 4, 5]
@@ -210,10 +220,9 @@ def test_nonfinite_loss_is_skipped_and_counted_when_configured(tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_out_of_memory_prints_the_settings_that_reduce_memory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MISTRAL_FT_TEST_OOM", "step:1")
+def test_out_of_memory_prints_the_settings_that_reduce_memory(tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(NAN_ARGS + [f"hydra.run.dir={run}"])
+    rc = main(NAN_ARGS + [f"hydra.run.dir={run}", *fault_args("OutOfMemory", step=1)])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     for piece in ("out of memory", "data.batch_size=1 trainer.accumulate_grad_batches=2", "data.max_length=32",

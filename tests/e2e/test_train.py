@@ -215,7 +215,7 @@ TRAIN_CFG = {"optimizer": {"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "bet
 def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, torch.Tensor]:
     import lightning as L
 
-    from mistral_ft.training.tasks import CausalLMTask
+    from mistral_ft.training.tasks import CausalLMTask, TaskSettings
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -224,7 +224,7 @@ def _grads_after_one_step(batches: list[dict], accumulate: int) -> dict[str, tor
             # after the optimizer step the (rescaled) gradients are still there
             captured.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
-    module = CausalLMTask(_tiny_lm(), TRAIN_CFG)
+    module = CausalLMTask(_tiny_lm(), TaskSettings.from_config(TRAIN_CFG))
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Capture()], num_sanity_val_steps=0)
@@ -421,7 +421,7 @@ import sys, torch, lightning as L
 from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
 from test_train import TRAIN_CFG, _tiny_lm, _token_batches
-from mistral_ft.training.tasks import CausalLMTask
+from mistral_ft.training.tasks import CausalLMTask, TaskSettings
 
 micro, _ = _token_batches()
 class Capture(L.Callback):
@@ -430,7 +430,7 @@ class Capture(L.Callback):
             torch.save({{n: p.grad for n, p in pl_module.named_parameters()}}, {out!r})
 trainer = L.Trainer(max_steps=1, strategy="ddp", devices=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
-trainer.fit(CausalLMTask(_tiny_lm(), TRAIN_CFG), train_dataloaders=DataLoader(micro, batch_size=None))
+trainer.fit(CausalLMTask(_tiny_lm(), TaskSettings.from_config(TRAIN_CFG)), train_dataloaders=DataLoader(micro, batch_size=None))
 '''
 
 

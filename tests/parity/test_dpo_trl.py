@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mistral_ft.data.preference import PairCollator
+from mistral_ft.training.tasks import TaskSettings
 from mistral_ft.training.tasks.preference import DPOTask
 from mistral_ft.training.tasks.preference_loss import answer_logps
 
@@ -78,7 +79,7 @@ def _trl_loss_and_grads(trainer, batches, loss_types, weights, beta, eps):
 
 
 def _our_loss_and_grads(model, items, settings):
-    task = DPOTask(model, {"preference": settings})
+    task = DPOTask(model, TaskSettings.from_config({"preference": settings}))
     task.train()
     model.zero_grad()
     loss_sum, n, _ = task.loss_sum(PairCollator(0)(items))

@@ -26,6 +26,7 @@ That hook runs after AMP unscaling and before gradient clipping, so clipping see
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -36,40 +37,65 @@ import torch
 from torch import nn
 
 from mistral_ft.errors import UserError
-from mistral_ft.training.reliability import check_nonfinite, grad_probe
+from mistral_ft.training.registry import build
+from mistral_ft.training.reliability import check_nonfinite, grad_probe, trainable_grads
+from mistral_ft.training.tasks.preference_loss import preference_settings
 
 IGNORE_INDEX = -100
+
+
+def host_to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float32 device tensor without a stream sync: through pinned memory on CUDA
+    (``torch.tensor(x, device="cuda")`` copies from pageable memory and waits for the stream)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class CheckpointMismatchError(UserError):
     """A checkpoint whose trainable weights do not match this run's (e.g. another peft config)."""
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """What a task module reads from the run config, typed; `from_config` is the one place it is read.
 
-    Warmup is linear and reaches 1 at step `warmup_steps - 1` (so step 0 already moves the weights);
-    "cosine" then decays to `min_lr_ratio` at `total_steps`; "constant" stays at 1.
+    `optimizer` / `scheduler` are those groups as validated (a built-in `name:` or a `_target_` with its
+    keyword arguments), built by `training.registry.build`; `fsdp` holds the strategy group when
+    strategy=fsdp (None otherwise); `preference` is the checked `preference:` node (task=dpo).
     """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fsdp: Optional[Mapping[str, Any]] = None
+    loss_chunk_size: int = 0        # causal LM: tokens per chunk of the fused linear + cross-entropy (0 = plain)
+    skip_nonfinite: bool = False    # a NaN/inf step: skip it instead of stopping
+    preference: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> "TaskSettings":
+        strategy = c.get("strategy") or {}
+        preference = preference_settings(c) if str(c.get("task", "dpo")) == "dpo" else {}
+        return cls(optimizer=dict(c.get("optimizer") or {}), scheduler=dict(c.get("scheduler") or {}),
+                   fsdp=dict(strategy) if strategy.get("name") == "fsdp" else None,
+                   loss_chunk_size=int((c.get("model") or {}).get("loss_chunk_size") or 0),
+                   skip_nonfinite=bool(c.get("skip_nonfinite", False)), preference=preference)
 
 
 class FineTuneTask(L.LightningModule):
     """Base of the task modules; subclasses implement `loss_sum(batch)` and the validation metrics.
 
-    `config` is the whole resolved run config as a plain dict (never an OmegaConf object: checkpoints
-    are read with `torch.load(weights_only=True)`, which refuses those).
+    `settings` is what the module reads; `hparams` (the whole run config, secrets stripped, as a plain
+    dict: checkpoints are read with `torch.load(weights_only=True)`, which refuses OmegaConf objects) is
+    only recorded in every checkpoint, where `resume=` and export compare it with the run folder's.
     """
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         self.model = model
-        self.save_hyperparameters(dict(config))
+        self.settings = settings
+        self.save_hyperparameters(dict(hparams or {}))
         # Checkpoints hold only trainable weights; the frozen base comes from model.path on load.
         self.strict_loading = False
         self._norm: Optional[float] = None  # provisional per-step divisor c (see module docstring)
@@ -91,11 +117,10 @@ class FineTuneTask(L.LightningModule):
     def configure_model(self) -> None:
         """strategy=fsdp: shard the model with FSDP2 (Lightning's ModelParallelStrategy calls this with
         `self.device_mesh` set, after peft was applied); a no-op for the other strategies."""
-        strategy = self.cfg.get("strategy") or {}
-        if strategy.get("name") == "fsdp":
+        if self.settings.fsdp is not None:
             from mistral_ft.distributed.fsdp import shard_task_model
 
-            shard_task_model(self, self.device_mesh, strategy, str(self.trainer.precision))
+            shard_task_model(self, self.device_mesh, self.settings.fsdp, str(self.trainer.precision))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count real tokens on the host, before the batch moves to the device (no sync in the step)."""
@@ -109,16 +134,15 @@ class FineTuneTask(L.LightningModule):
         """(summed loss over the batch's targets, number of targets, model output)."""
         raise NotImplementedError
 
-    @property
-    def cfg(self) -> dict[str, Any]:
-        return dict(self.hparams)
-
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_targets, _ = self.loss_sum(batch)
         if self._norm is None:  # first micro-batch of an optimizer step
-            first = torch.tensor(float(n_targets), device=loss_sum.device)
-            self._norm = max(1.0, float(self.trainer.strategy.reduce(first, reduce_op="mean")))
+            if self.trainer.world_size == 1:
+                self._norm = max(1.0, float(n_targets))  # a host int: no device work at all
+            else:  # averaged over ranks: a collective on a device tensor, never read back on the host here
+                first = host_to_device([float(n_targets)], loss_sum.device)[0]
+                self._norm = self.trainer.strategy.reduce(first, reduce_op="mean").clamp(min=1.0)
         self._acc_loss = self._acc_loss.to(loss_sum.device) + loss_sum.detach().float()
         self._acc_targets += n_targets
         n_tokens = batch.get("num_tokens")  # counted on the host (on_before_batch_transfer): no sync
@@ -134,19 +158,20 @@ class FineTuneTask(L.LightningModule):
         if self._norm is None:  # no training_step since the last optimizer step (should not happen)
             return
         device = self._acc_loss.device
-        strategy = self.trainer.strategy
-        n_total = float(strategy.reduce(torch.tensor(float(self._acc_targets), device=device), reduce_op="sum"))
-        # + 0 or NaN when a gradient is not finite: the non-finite check rides on this one sync
+        # + 0 or NaN when a gradient is not finite: the non-finite check rides on the step's one host read
         probe = grad_probe(optimizer, device)
-        loss_total = float(strategy.reduce(self._acc_loss.clone() + probe, reduce_op="sum"))
+        if self.trainer.world_size == 1:
+            loss_total, n_total, norm = float(self._acc_loss + probe), float(self._acc_targets), float(self._norm)
+        else:  # one all-reduce of (loss + probe, targets), then one host read of it and the divisor c
+            local = torch.stack([self._acc_loss + probe, host_to_device([float(self._acc_targets)], device)[0]])
+            total = self.trainer.strategy.reduce(local, reduce_op="sum")
+            loss_total, n_total, norm = torch.cat([total.double(), self._norm.double().reshape(1)]).tolist()
         if not math.isfinite(loss_total) and check_nonfinite(self, optimizer, loss_total / max(n_total, 1.0), self._acc_loss):
             self._norm, self._acc_loss, self._acc_targets = None, torch.zeros((), device=device), 0
             return  # skipped (skip_nonfinite=true): no gradients, no update; otherwise it raised
-        scale = self._norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        scale = norm * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_total, 1.0)
+        # one fused multiply over all gradients (FSDP2's DTensor grads: their local shards), not a Python loop
+        torch._foreach_mul_(trainable_grads(optimizer), scale)
         step_loss = loss_total / max(n_total, 1.0)
         self.loss_history.append((int(self.global_step), step_loss))
         self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
@@ -203,35 +228,23 @@ class FineTuneTask(L.LightningModule):
 
     # ---- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        opt_cfg = self.cfg["optimizer"]
-        sched_cfg = self.cfg["scheduler"]
+        """The optimizer and schedule groups through `training.registry.build` (a built-in or a `_target_`)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
+        opt = self.settings.optimizer
         # Weight decay on matrices only: decaying norm gains and biases toward 0 hurts (GPT-2/BERT practice).
+        # A `_target_` optimizer without a weight_decay key keeps its own default on every group.
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": float(opt_cfg["weight_decay"])},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        # adamw8bit: bitsandbytes' block-wise 8-bit Adam states (Dettmers et al. 2022), 2 bytes per
-        # parameter instead of 8; runs on CPU too (checked with bitsandbytes 0.50).
-        adamw: Any = torch.optim.AdamW
-        if opt_cfg["name"] == "adamw8bit":
-            import bitsandbytes as bnb
-
-            adamw = bnb.optim.AdamW8bit
-        optimizer = adamw(
-            groups, lr=float(opt_cfg["lr"]), betas=tuple(opt_cfg["betas"]), eps=float(opt_cfg["eps"])
-        )
+        wd = {"weight_decay": float(opt["weight_decay"])} if "weight_decay" in opt else {}
+        groups = [g for g in ({"params": decay, **wd}, {"params": no_decay, **({"weight_decay": 0.0} if wd else {})})
+                  if g["params"]]
+        optimizer = build("optimizer", opt, groups)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
             self.trainer.estimated_stepping_batches
         )
-        warmup, kind, min_ratio = int(sched_cfg["warmup_steps"]), str(sched_cfg["name"]), float(sched_cfg["min_lr_ratio"])
-
-        def factor(step: int) -> float:
-            return lr_factor(step, warmup_steps=warmup, total_steps=total, kind=kind, min_lr_ratio=min_ratio)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = build("scheduler", self.settings.scheduler, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -27,13 +27,18 @@ class CausalLMTask(FineTuneTask):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count targets and tokens on the host, before the batch moves to the GPU: no device sync later."""
         if isinstance(batch, dict) and "labels" in batch:
-            batch["num_targets"] = count_targets(batch["labels"])
+            batch["num_targets"] = (int(batch["target_index"].numel()) if "target_index" in batch
+                                    else count_targets(batch["labels"]))
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def loss_sum(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
         labels = batch["labels"]
-        extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}  # packed rows
-        chunk = int((self.cfg.get("model") or {}).get("loss_chunk_size") or 0)
+        # packed rows; and what the collator computed on the host (varlen segments, target positions), so
+        # the forward needs no device sync to find them
+        extra = {k: batch[k] for k in ("position_ids", "document_ids", "cu_seq_lens", "max_seq_len") if k in batch}
+        chunk = self.settings.loss_chunk_size
+        if chunk and "target_index" in batch:
+            extra["target_index"] = batch["target_index"]
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

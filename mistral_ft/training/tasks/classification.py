@@ -1,7 +1,7 @@
 """Sequence classification (single-label CE, multi-label BCE) and regression (MSE).
 
 The loss follows transformers' rules (`problem_type`, or inferred: one label -> MSE, integer labels ->
-CE ignoring -100, else BCE), but is computed here as a *sum* over examples so that `FineTuneTask`
+CE ignoring -100, else BCE) and is the model's own (model/losses.py), taken as a *sum* over examples so that `FineTuneTask`
 weights an optimizer step by its labelled examples, exactly as the causal LM weights by tokens.
 Metrics (torchmetrics, synced across ranks): accuracy and macro-F1, or MSE and R2.
 """
@@ -12,36 +12,11 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from mistral_ft.training.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask
-
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
-
-
-def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> tuple[torch.Tensor, int]:
-    """(summed loss, number of counted examples) for pooled `logits` (B, num_labels).
-
-    Single-label: CE summed over rows whose label is not -100. Multi-label: BCE averaged over the
-    labels of a row, summed over rows (one batch: equal to transformers' element mean). Regression:
-    squared error summed over rows (num_labels == 1) or over rows of per-row means.
-    """
-    logits = logits.float()
-    if problem_type == "single_label_classification":
-        labels = labels.view(-1).long()
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int((labels != IGNORE_INDEX).sum())
-    if problem_type == "multi_label_classification":
-        per_row = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
-        return per_row.sum(), int(labels.shape[0])
-    if problem_type == "regression":
-        target = labels.float().view(logits.shape[0], -1)
-        per_row = F.mse_loss(logits.view(logits.shape[0], -1), target, reduction="none").mean(-1)
-        return per_row.sum(), int(labels.shape[0])
-    raise ValueError(f"problem_type: {problem_type!r} is not one of {list(PROBLEM_TYPES)}")
-
+from mistral_ft.model.losses import PROBLEM_TYPES, classification_loss_sum, infer_problem_type
+from mistral_ft.training.tasks.base import IGNORE_INDEX, CheckpointMismatchError, FineTuneTask, TaskSettings
 
 def class_report(confusion: torch.Tensor, names: list[str]) -> dict[str, Any]:
     """Per-class precision / recall and the confusion matrix (rows = true label, columns = predicted).
@@ -67,11 +42,11 @@ class ClassificationTask(FineTuneTask):
     from the data's label names; they travel in the hyperparameters of every checkpoint.
     """
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(model, settings, hparams)
         mcfg = model.config
         self.num_labels = int(mcfg.num_labels)
-        self.problem_type = str(mcfg.problem_type or self._infer_problem_type(self.num_labels))
+        self.problem_type = str(mcfg.problem_type or infer_problem_type(self.num_labels))
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type: {self.problem_type!r} is not one of {list(PROBLEM_TYPES)}")
         self.id2label: dict[int, str] = {int(k): str(v) for k, v in (mcfg.id2label or {}).items()}
@@ -79,10 +54,6 @@ class ClassificationTask(FineTuneTask):
         # counts / points behind the plots, kept out of `metrics` because they are not one number
         self.details = nn.ModuleDict(self._make_details())
         self.last_details: dict[str, Any] = {}
-
-    @staticmethod
-    def _infer_problem_type(num_labels: int) -> str:
-        return "regression" if num_labels == 1 else "single_label_classification"
 
     def _make_metrics(self) -> dict[str, torchmetrics.Metric]:
         n = self.num_labels

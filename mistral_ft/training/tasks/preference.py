@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from mistral_ft.training.tasks.base import FineTuneTask
-from mistral_ft.training.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss, preference_settings
+from mistral_ft.training.tasks.base import FineTuneTask, TaskSettings
+from mistral_ft.training.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss
 
 def disable_dropout(model: nn.Module) -> None:
     """p=0 on every nn.Dropout and attention dropout 0 (the config value our attention reads)."""
@@ -69,8 +69,8 @@ class _PreferenceTask(FineTuneTask):
 
     metric_keys: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(model, settings, hparams)
         self._train_metrics = _PairMetrics(self.metric_keys)
         self._val_metrics = _PairMetrics(self.metric_keys)
 
@@ -104,14 +104,13 @@ class DPOTask(_PreferenceTask):
     metric_keys = ("loss", "reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin",
                    "logps_chosen", "logps_rejected")
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
-        self.settings = preference_settings(config)
-        super().__init__(model, config)
-        if self.settings["disable_dropout"]:
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(model, settings, hparams)
+        if settings.preference["disable_dropout"]:
             disable_dropout(model)
         self.has_adapter = callable(getattr(model, "disable_adapter", None))
         if not self.has_adapter:
-            if str((config.get("strategy") or {}).get("name")) == "fsdp":
+            if settings.fsdp is not None:
                 raise ValueError("task=dpo with peft=none and strategy=fsdp is not supported: the frozen reference "
                                  "copy would not be sharded. Use a peft adapter (its reference is the base with the "
                                  "adapter disabled) or strategy=ddp")
@@ -144,7 +143,7 @@ class DPOTask(_PreferenceTask):
         P = batch["input_ids"].shape[0] // 2
         ref = self.reference_logps(batch)
         lp = self._log_probs(batch)
-        s = self.settings
+        s = self.settings.preference
         losses, stats = preference_loss(
             lp.sum[:P], lp.sum[P:], ref[:P], ref[P:], chosen_count=lp.count[:P], rejected_count=lp.count[P:],
             loss_type=s["loss_type"], beta=float(s["beta"]), label_smoothing=float(s["label_smoothing"]),
@@ -163,8 +162,8 @@ class RewardTask(_PreferenceTask):
 
     metric_keys = ("loss", "accuracy", "margin", "score_chosen", "score_rejected")
 
-    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: nn.Module, settings: TaskSettings, hparams: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__(model, settings, hparams)
         if int(model.config.num_labels) != 1:
             raise ValueError(f"task=reward needs a one-label score head, got num_labels={model.config.num_labels}")
         self.id2label = {0: "reward"}

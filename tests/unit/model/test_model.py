@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY, make_ours, tiny_config
 from mistral_ft import MistralConfig, MistralForCausalLM, MistralForSequenceClassification, MistralModel
 from mistral_ft.model import CheckpointError, ConfigError, MistralCache
+from mistral_ft.model.attention import varlen_segments
 from mistral_ft.model.modeling import flash_attention
 
 
@@ -266,7 +267,8 @@ def test_flash_argument_mapping_matches_sdpa():
         mask = build_attention_mask(idx, idx, W, key_valid, doc)
         mask = mask | ~mask.any(-1, keepdim=True)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5, enable_gqa=True)
-        got = flash_attention(q, k, v, key_valid, doc, W, hd ** -0.5, 0.0, _standin_dense, _standin_varlen)
+        cu, longest = varlen_segments(key_valid, doc) if key_valid is not None or doc is not None else (None, None)
+        got = flash_attention(q, k, v, cu, longest, W, hd ** -0.5, 0.0, _standin_dense, _standin_varlen)
         rows = valid if key_valid is not None else torch.ones_like(valid)
         assert (got - ref).transpose(1, 2)[rows].abs().max() < 1e-5
 

@@ -148,7 +148,7 @@ def test_typo_in_a_yaml_file_names_file_and_line(tmp_path):
         validate_config(plain, Sources(conf_dir=conf, choices=choices))
     msg = str(info.value)
     assert "optimizer.lrr" in msg and "bad.yaml:6" in msg and "did you mean 'lr'" in msg
-    assert "Valid keys here: betas, eps, lr, name, weight_decay" in msg
+    assert "Valid keys here: _target_, betas, eps, lr, name, weight_decay" in msg
 
 
 def test_multirun_refuses_multiprocess_strategy(capsys, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mistral_ft.data.preference import PairCollator, build_pair_datasets
+from mistral_ft.training.tasks import TaskSettings
 from mistral_ft.training.tasks.preference import DPOTask
 from mistral_ft.training.tasks.preference_loss import answer_logps, bradley_terry_loss, preference_loss, preference_settings
 
@@ -20,7 +21,7 @@ def test_policy_equals_reference_at_step_zero_with_lora_dropout(tiny, pairs):
     from mistral_ft.model import MistralForCausalLM
 
     model = apply_peft(MistralForCausalLM.from_pretrained(tiny[0]), {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.3})
-    task = DPOTask(model, {"preference": {}})
+    task = DPOTask(model, TaskSettings.from_config({"preference": {}}))
     task.train()
     loss, n, (losses, stats) = task.loss_sum(PairCollator(0)([pairs[i] for i in range(3)]))
     assert n == 3 and torch.allclose(losses, torch.full((3,), 0.6931472), atol=1e-6)
@@ -31,7 +32,7 @@ def test_full_finetune_reference_is_a_frozen_copy(tiny, pairs):
     from mistral_ft.model import MistralForCausalLM
 
     model = MistralForCausalLM.from_pretrained(tiny[0])
-    task = DPOTask(model, {"preference": {"beta": 0.1}})
+    task = DPOTask(model, TaskSettings.from_config({"preference": {"beta": 0.1}}))
     assert all(not p.requires_grad for p in task.ref_model.parameters())
     assert task.trainable_names() == {f"model.{n}" for n, _ in model.named_parameters()}
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_reward_model_loss_by_hand_and_accuracy_rises(tiny, one_thread):
     torch.manual_seed(0)
     model = MistralForSequenceClassification.from_pretrained(path, num_labels=1)
     model = apply_peft(model, {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0}, task="classification")
-    task = RewardTask(model, {})
+    task = RewardTask(model, TaskSettings.from_config({"task": "reward"}))
     batch = PairCollator(0)([train[0], train[1], train[2]])
     loss_sum, n, (losses, stats) = task.loss_sum(batch)
     with torch.no_grad():  # the score of each row alone, at its last token (EOS), without padding
@@ -125,7 +126,7 @@ def test_dpo_reference_is_the_base_without_the_adapter(method, tiny, pairs, one_
 
     model = apply_peft(MistralForCausalLM.from_pretrained(tiny[0]), {"method": method, "r": 4, "alpha": 8, "dropout": 0.1},
                        device=torch.device("cpu"))
-    task = DPOTask(model, {"preference": {"beta": 0.1}})
+    task = DPOTask(model, TaskSettings.from_config({"preference": {"beta": 0.1}}))
     batch = PairCollator(0)([pairs[i] for i in range(3)])
     with torch.no_grad():
         for name, p in model.named_parameters():
