@@ -10,13 +10,9 @@ only).
 from __future__ import annotations
 
 import pytest
-import test_bad_convert
-import test_bad_evaluate_validate
-import test_bad_export
-import test_bad_generate
-import test_bad_train
-
 from helpers.bad_input import check_subprocess
+
+from bad_input import test_bad_convert, test_bad_evaluate_validate, test_bad_export, test_bad_generate, test_bad_train
 
 # (cli module, case table, how its makers are called)
 TABLES = {
