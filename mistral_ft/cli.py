@@ -93,3 +93,23 @@ def user_message(err: BaseException) -> Optional[str]:
             type(err).__name__, "")
         return (f"{kind}: " if kind else "") + str(err)
     return None
+
+
+def renamed(args: Sequence[str], old_to_new: dict[str, str], command: str) -> list[str]:
+    """Old spellings of a setting keep working, with a note on stderr naming the new one.
+
+    `old_to_new` maps an old `key=` or `--flag=` prefix to the new one: the one CLI style (docs/cli.md) is
+    `key=value` for commands that compose a config and the same names (`run`, `model`, `adapter`,
+    `output_dir`, `data`) as flags in generate and convert.
+    """
+    out = []
+    for arg in args:
+        for old, new in old_to_new.items():
+            if arg.startswith(old):
+                print(f"note: {command}: {old}... is deprecated and will be removed; use {new}... "
+                      f"(same meaning)", file=sys.stderr)
+                arg = new + arg[len(old):]
+                break
+        out.append(arg)
+    return out
+

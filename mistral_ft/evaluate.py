@@ -5,8 +5,8 @@
 
 `run=` a finished training run (its base + adapter, or its full model/), or `model=` an exported / any HF
 Mistral folder with an optional `adapter=`; `data=` a JSONL/CSV/parquet file of chats (`data.format=messages`
-or `alpaca`). Writes evaluate_summary.json and eval_samples.jsonl to `out=` (default: <run>/evaluate, or
-./evaluate). The metric definitions are mistral_ft.training.evaluation's, the same as during training.
+or `alpaca`). Writes evaluate_summary.json and eval_samples.jsonl to `output_dir=` (default: <run>/evaluate,
+or ./evaluate; the old `out=` still works, with a note). The metric definitions are mistral_ft.training.evaluation's, the same as during training.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from mistral_ft.cli import run_cli, user_message
+from mistral_ft.cli import renamed, run_cli, user_message
 from mistral_ft.errors import ConfigError
 from mistral_ft.runs import resolve_run
 from mistral_ft.training.schema import EvalSchema
 
-KEYS = ("run", "model", "adapter", "data", "data.format", "data.max_length", "out", "eval.num_samples",
+KEYS = ("run", "model", "adapter", "data", "data.format", "data.max_length", "output_dir", "eval.num_samples",
         "eval.max_new_tokens", "eval.batch_size", "debug")
 
 
@@ -37,7 +37,7 @@ def parse(argv: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = renamed(list(sys.argv[1:] if argv is None else argv), {"out=": "output_dir="}, "evaluate")
 
     def body() -> int:
         kv = parse(args)
@@ -58,10 +58,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(f"eval.{key}: must be > 0, got {getattr(settings, key)}")
         if "run" in kv:
             model, adapter = resolve_run(Path(kv["run"]))
-            out = Path(kv.get("out") or Path(kv["run"]) / "evaluate")
+            out = Path(kv.get("output_dir") or Path(kv["run"]) / "evaluate")
         else:
             model, adapter = kv["model"], (kv.get("adapter") if kv.get("adapter") not in (None, "", "null") else None)
-            out = Path(kv.get("out") or "evaluate")
+            out = Path(kv.get("output_dir") or "evaluate")
         data_cfg = {"train_file": kv["data"], "validation_file": kv["data"], "format": kv.get("data.format", "messages"),
                     "max_length": ints.get("data.max_length", 2048)}
         from mistral_ft.training.evaluation import evaluate_files

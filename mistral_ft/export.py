@@ -1,6 +1,7 @@
-"""`python -m mistral_ft.export run_dir=RUN|CKPT output_dir=OUT [key=value ...]` — a training run to Hugging Face folders.
+"""`python -m mistral_ft.export run=RUN|CKPT output_dir=OUT [key=value ...]` — a training run to Hugging Face folders.
 
-The command line only: key=value parsing and the exit-status policy (mistral_ft.cli). What is written
+The command line only: key=value parsing (the names of docs/cli.md; `run_dir=` still works, with a
+note) and the exit-status policy (mistral_ft.cli). What is written
 and why (merged/ + adapter/, shard by shard, self-checked, published atomically) is in
 mistral_ft.checkpoints.export.
 """
@@ -13,12 +14,12 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mistral_ft.checkpoints.export import DTYPES, export
-from mistral_ft.cli import DEBUG_ENV, run_cli, user_message
+from mistral_ft.cli import DEBUG_ENV, renamed, run_cli, user_message
 from mistral_ft.errors import CheckpointError, ConfigError, ExportError
 from mistral_ft.model.weights import parse_size
 
 KEYS = {
-    "run_dir": "a training run folder (uses adapter/ or model/) or one of its checkpoints (*.ckpt)",
+    "run": "a training run folder (uses adapter/ or model/) or one of its checkpoints (*.ckpt)",
     "output_dir": "the folder to create (must not exist, or be empty)",
     "base": "the base weights, when they moved since training (checked against the run's fingerprint)",
     "dtype": "auto (the base's dtype) | float32 | bfloat16 | float16",
@@ -29,13 +30,13 @@ KEYS = {
 }
 
 
-USAGE = "usage: python -m mistral_ft.export run_dir=RUN_OR_CKPT output_dir=FOLDER [key=value ...]\n" + "\n".join(
+USAGE = "usage: python -m mistral_ft.export run=RUN_OR_CKPT output_dir=FOLDER [key=value ...]\n" + "\n".join(
     f"  {k:<15} {v}" for k, v in KEYS.items())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; 0 done, 2 bad input (one paragraph on stderr, no traceback unless debug), 1 a bug."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = renamed(list(sys.argv[1:] if argv is None else argv), {"run_dir=": "run="}, "export")
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
@@ -64,10 +65,10 @@ def parse_args(args: Sequence[str]) -> dict[str, Any]:
             raise ExportError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
                               f"; valid keys: {', '.join(KEYS)}")
         opts[key] = value
-    for key in ("run_dir", "output_dir"):
+    for key in ("run", "output_dir"):
         if not opts.get(key):
             raise ExportError(f"{key}=... is required\n{USAGE}")
-    out: dict[str, Any] = {"run_dir": opts["run_dir"], "output_dir": opts["output_dir"], "base": opts.get("base") or None}
+    out: dict[str, Any] = {"run_dir": opts["run"], "output_dir": opts["output_dir"], "base": opts.get("base") or None}
     dtype = opts.get("dtype", "auto")
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype={dtype}: expected one of auto, {', '.join(DTYPES)}")

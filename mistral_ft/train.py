@@ -12,10 +12,11 @@ exit status (mistral_ft.cli). The run folder it leaves:
       adapter/ | model/      peft adapter folder (LoRA) or full HF weights (peft=none)
       loss_curve.png  summary.json  train.log
 
-Why `main(argv)` drives Hydra's `Hydra.run` / `Hydra.multirun` instead of `@hydra.main`: tests call it
-in-process, and errors must reach the user as one paragraph (Hydra's own reporting prints a
-traceback of our code for any exception). We compose and validate *before* Hydra creates the run
-folder, so a typo leaves nothing behind that `resume=` could mistake for progress.
+It is a Hydra app (mistral_ft.training.hydra_app): Hydra's flags (`--help`, `--cfg job`, `--info`,
+`-m` with sweeper / launcher plugins, `-cd`, ...) and override grammar (`+key=v`, `~scheduler`) work as
+Hydra documents them. Why not `@hydra.main` itself: tests call `main(argv)` in-process, every run is
+composed and validated *before* Hydra creates its run folder (a typo leaves nothing behind that
+`resume=` could mistake for progress), and errors reach the user as one paragraph with exit status 2.
 """
 
 from __future__ import annotations
@@ -27,29 +28,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.cli import DEBUG_ENV, run_cli, user_message
-from mistral_ft.errors import ConfigError, TrainingStopped
+from mistral_ft.cli import run_cli, user_message
+from mistral_ft.errors import TrainingStopped
 from mistral_ft.training.compose import (
-    CONFIG_NAME, available, compose_validated, config_dir, fetch_hub_model, refuse_multiprocess_sweep,
-    resume_overrides, sweep_points, trainer_overrides, without_hydra,
+    CONFIG_NAME, RecipeFiles, compose_validated, fetch_hub_model, fill_removed_groups, make_hydra, own_group_values,
+    refuse_multiprocess_sweep, resume_overrides, to_plain,
 )
+from mistral_ft.training.hydra_app import parse_args, print_flags, sweep_points
 from mistral_ft.training.run import run_training
 
 log = logging.getLogger("mistral_ft.train")
-
-USAGE = """usage: python -m mistral_ft.train recipe=NAME [group=option ...] [key=value ...] [-m]
-
-  recipe=NAME          a complete recipe: {recipes}
-  group=option         model, data, peft, optimizer, scheduler, strategy, trainer, logger
-  key=value            any config value, e.g. trainer.max_steps=100 optimizer.lr=1e-4
-  trainer.*            Lightning Trainer arguments (devices, precision, accumulate_grad_batches, ...)
-  resume=PATH          continue a run folder (or a .ckpt) with its step count and data position
-  hydra.run.dir=PATH   where the run folder goes
-  debug=true           show tracebacks (also env {env}=1)
-  -m / --multirun      sweep comma-separated values, e.g. -m optimizer.lr=1e-4,3e-4
-  --cfg                print the composed config and exit
-"""
-
 
 # ---- entry point ----------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,75 +60,84 @@ def _classify_error(err: Exception) -> Optional[tuple[str, int]]:
 
 
 def _main(args: list[str]) -> int:
-    multirun = False
-    print_cfg = False
-    overrides: list[str] = []
-    for a in args:
-        if a in ("-m", "--multirun"):
-            multirun = True
-        elif a in ("-h", "--help"):
-            print(USAGE.format(recipes=", ".join(available("recipe")), env=DEBUG_ENV))
-            return 0
-        elif a in ("--cfg", "--cfg=job"):
-            print_cfg = True
-        elif a.startswith("-"):
-            raise ConfigError(f"unknown flag {a!r}\n{USAGE.format(recipes=', '.join(available('recipe')), env=DEBUG_ENV)}")
-        else:
-            overrides.append(a)
-    overrides = trainer_overrides(resume_overrides(overrides))
+    from hydra.types import RunMode
 
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import initialize_config_dir
-
-    conf = config_dir()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="train"):
-        hydra = GlobalHydra.instance().hydra
-        assert hydra is not None
-        points = sweep_points(overrides) if multirun else [overrides]
+    ns = parse_args(args)
+    printed = print_flags(ns, __file__, "train")
+    if printed is not None:
+        return printed
+    recipes = RecipeFiles()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        typed = resume_overrides(list(ns.overrides))  # what the user wrote (and what resume= replays)
+        overrides = recipes.rewrite(typed)
+        hydra = make_hydra(ns, __file__, "train", recipes)
+        config_name = ns.config_name or CONFIG_NAME
+        multirun = ns.multirun or hydra.get_mode(config_name=config_name, overrides=overrides) == RunMode.MULTIRUN
+        points = sweep_points(overrides, hydra) if multirun else [overrides]
+        pinned = own_group_values(hydra, points[0], config_name)  # the user's own group option wins
         for point in points:  # validate every run before any of them starts
-            cfg = compose_validated(hydra, point)
-            if print_cfg:
-                from omegaconf import OmegaConf
-
-                print(OmegaConf.to_yaml(without_hydra(cfg)))
+            cfg = compose_validated(hydra, point + pinned, config_name, typed=point)
             if multirun:
                 refuse_multiprocess_sweep(cfg)
-            if not print_cfg:
-                fetch_hub_model(cfg)
-        if print_cfg:
+            fetch_hub_model(cfg)
+        task = _Task(recipes.typed, pinned, multirun)
+        if multirun:  # Hydra's sweeper and launcher (hydra/sweeper=..., hydra/launcher=...); a failing job stops it
+            hydra.multirun(config_name=config_name, task_function=task, overrides=overrides + pinned)
             return 0
-        if multirun:  # a failing point stops the sweep (Hydra re-raises it)
-            hydra.multirun(config_name=CONFIG_NAME, task_function=_task, overrides=overrides)
-            return 0
-        failure: list[BaseException] = []
-
-        def task(cfg: Any) -> Any:
-            from hydra.core.hydra_config import HydraConfig
-
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            fresh = _just_created(run_dir)
-            try:
-                return _task(cfg)
-            except BaseException as err:  # noqa: BLE001 - re-raised below, after Hydra's bookkeeping
-                failure.append(err)
-                if fresh and isinstance(err, Exception) and user_message(err) is not None \
-                        and not (run_dir / "checkpoints").exists():
-                    shutil.rmtree(run_dir, ignore_errors=True)  # bad input (e.g. a data row): leave no folder
-                return None
-
         # Hydra prints "Error executing job with overrides" for a failed job; we report it ourselves.
         run_dir = _planned_run_dir(cfg)
         existed = run_dir is None or run_dir.exists()
         try:
-            hydra.run(config_name=CONFIG_NAME, task_function=task, overrides=overrides)
+            hydra.run(config_name=config_name, task_function=task, overrides=overrides + pinned)
         except Exception:  # Hydra's own setup failed (e.g. it could not open train.log: a full disk)
             if not existed and _just_created(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        if failure:
-            raise failure[0]
-    return 0
+        if task.failure:
+            raise task.failure[0]
+        return 0
+    finally:
+        recipes.close()
+        # Hydra's job logging adds a console and a train.log handler to the root logger for each run: a
+        # second main() in this process (tests, the bad-input corpus) must not log into the last run folder
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:], root.level = handlers, level
+
+
+class _Task:
+    """Hydra's task function: one training run in the run folder Hydra made (picklable, for launchers
+    that run jobs in other processes).
+
+    overrides.yaml records what the user typed: `recipe=<stem>` goes back to the recipe file's path and
+    the values pinned for the user's own group option are left out (the next composition pins them again).
+    """
+
+    def __init__(self, typed: dict[str, str], pinned: list[str], multirun: bool):
+        self.typed, self.pinned, self.multirun = typed, set(pinned), multirun
+        self.failure: list[BaseException] = []
+
+    def __call__(self, cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        fresh = _just_created(run_dir)
+        try:
+            overrides = [self.typed.get(o, o) for o in hc.overrides.task if o not in self.pinned]
+            choices = dict(hc.runtime.choices)
+            return run_training(fill_removed_groups(to_plain(cfg), choices), run_dir, overrides=overrides,
+                                choices=choices)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after Hydra's bookkeeping
+            if fresh and isinstance(err, Exception) and user_message(err) is not None \
+                    and not (run_dir / "checkpoints").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # bad input (e.g. a data row): leave no folder
+            if self.multirun:  # the sweeper re-raises it in this process: main() reports it
+                raise
+            self.failure.append(err)
+            return None
 
 
 def _planned_run_dir(cfg: Any) -> Optional[Path]:
@@ -165,15 +162,6 @@ def _just_created(run_dir: Path) -> bool:
     except OSError:
         return False
     return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)  # (an empty folder: True)
-
-
-def _task(cfg: Any) -> dict[str, Any]:
-    """Hydra's task function: one training run in the run folder Hydra made."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    return run_training(cfg, run_dir, overrides=list(hc.overrides.task), choices=dict(hc.runtime.choices))
 
 
 if __name__ == "__main__":

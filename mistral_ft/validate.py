@@ -1,4 +1,4 @@
-"""`python -m mistral_ft.validate recipe=NAME [overrides ...] [--tokens-per-s=N | --from-run=RUN]`
+"""`python -m mistral_ft.validate recipe=NAME [overrides ...] [tokens_per_s=N | run=RUN]`
 
 Check a training config and its data *before* spending GPU hours: the same composition, schema and
 data pipeline as `mistral_ft.train` (so a row that would stop training is reported here with the same
@@ -9,7 +9,10 @@ numbers that decide max_length and the budget:
     examples truncated at data.max_length
     tokens per epoch (non-pad, after truncation), optimizer steps per epoch, epochs in max_steps
     estimated time per epoch and for max_steps, from a tokens/s that is either *configured*
-    (--tokens-per-s=N) or *measured* (--from-run=RUN: that run's summary.json tokens_per_s)
+    (tokens_per_s=N) or *measured* (run=RUN: that run's summary.json tokens_per_s)
+
+The command line is train's: Hydra's flags (`--cfg job`, `--help`, `-cd`, ...) and overrides, plus
+`run=` and `tokens_per_s=` (the old `--from-run=` / `--tokens-per-s=` still work, with a note).
 
 Exit status: 0 no problems, 1 data problems found (listed on stderr), 2 bad config or arguments.
 Nothing is written: no run folder, no cache beyond the tiny model's and `datasets`' own.
@@ -23,20 +26,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.cli import run_cli, user_message
+from mistral_ft.cli import renamed, run_cli, user_message
 from mistral_ft.errors import UserError
 from mistral_ft.model.config import read_json_object
 from mistral_ft.runs import model_folder
 from mistral_ft.training.compose import compose_config
 from mistral_ft.training.run import check_tokenizer_matches_model
 
-USAGE = """usage: python -m mistral_ft.validate recipe=NAME [group=option ...] [key=value ...] [options]
-
-  the same overrides as python -m mistral_ft.train (recipe, model, data, trainer.*, ...)
-  --tokens-per-s=N   training throughput to estimate time with (configured)
-  --from-run=RUN     take tokens/s from RUN/summary.json (measured by that run)
-  debug=true         show tracebacks
-"""
+OWN_KEYS = ("run=", "tokens_per_s=")  # validate's own settings; everything else is train's config
+OLD_SPELLINGS = {"--from-run=": "run=", "--tokens-per-s=": "tokens_per_s="}
 
 
 class ValidateUsageError(UserError):
@@ -58,18 +56,16 @@ def _parse(args: list[str]) -> tuple[list[str], Optional[float], Optional[Path]]
     tokens_per_s: Optional[float] = None
     from_run: Optional[Path] = None
     for a in args:
-        if a.startswith("--tokens-per-s="):
+        if a.startswith("tokens_per_s="):
             try:
                 tokens_per_s = float(a.split("=", 1)[1])
             except ValueError:
-                raise ValidateUsageError(f"--tokens-per-s: expected a number, got {a.split('=', 1)[1]!r}") from None
+                raise ValidateUsageError(f"tokens_per_s: expected a number, got {a.split('=', 1)[1]!r}") from None
             if not tokens_per_s > 0 or not math.isfinite(tokens_per_s):
-                raise ValidateUsageError(f"--tokens-per-s: must be > 0, got {tokens_per_s}")
-        elif a.startswith("--from-run="):
+                raise ValidateUsageError(f"tokens_per_s: must be > 0, got {tokens_per_s}")
+        elif a.startswith("run="):
             from_run = Path(a.split("=", 1)[1]).expanduser()
-        elif a.startswith("-"):
-            raise ValidateUsageError(f"unknown flag {a!r}\n{USAGE}")
-        elif a.lstrip("+").startswith(("resume=", "hydra.")):
+        elif a.lstrip("+").startswith(("resume=", "hydra.run.", "hydra.sweep.")):
             continue  # run-folder settings mean nothing here
         else:
             overrides.append(a)
@@ -80,11 +76,10 @@ def measured_tokens_per_s(run: Path) -> float:
     """tokens_per_s from a finished run's summary.json."""
     summary = run / "summary.json"
     if not summary.is_file():
-        raise ValidateUsageError(f"--from-run={run}: {summary} not found (a finished training run has one)")
+        raise ValidateUsageError(f"run={run}: {summary} not found (a finished training run has one)")
     value = read_json_object(summary, ValidateUsageError).get("tokens_per_s")  # names file:line, deep nesting too
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValidateUsageError(f"--from-run={run}: {summary} has no tokens_per_s (a finite number > 0), "
-                                 f"got {value!r}")
+        raise ValidateUsageError(f"run={run}: {summary} has no tokens_per_s (a finite number > 0), got {value!r}")
     return float(value)
 
 
@@ -103,15 +98,22 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _main(args: list[str]) -> int:
-    if "-h" in args or "--help" in args:
-        print(USAGE)
-        return 0
-    overrides, tokens_per_s, from_run = _parse(args)
-    rate_source = "configured (--tokens-per-s)" if tokens_per_s else None
-    if from_run is not None:
-        tokens_per_s, rate_source = measured_tokens_per_s(from_run), f"measured (--from-run={from_run})"
+    from mistral_ft.training.hydra_app import parse_args, print_flags
 
-    c = compose_config(overrides)  # schema, model path and data config checks, as training does
+    args = renamed(args, OLD_SPELLINGS, "validate")
+    own = [a for a in args if a.startswith(OWN_KEYS)]
+    ns = parse_args([a for a in args if not a.startswith(OWN_KEYS)])  # Hydra's flags, as train takes them
+    printed = print_flags(ns, __file__, "validate")
+    if printed is not None:
+        return printed
+    if ns.multirun:
+        raise ValidateUsageError("validate checks one config: -m sweeps are train's (validate each point)")
+    overrides, tokens_per_s, from_run = _parse(ns.overrides + own)
+    rate_source = "configured (tokens_per_s)" if tokens_per_s else None
+    if from_run is not None:
+        tokens_per_s, rate_source = measured_tokens_per_s(from_run), f"measured (run={from_run})"
+
+    c = compose_config(overrides, ns)  # schema, model path and data config checks, as training does
     from mistral_ft.data import DataError, build_datasets, collect_problems
     from mistral_ft.data.preference import build_pair_datasets
     from mistral_ft.tokenizer import MistralTokenizer
@@ -193,7 +195,7 @@ def _budget(c: Mapping[str, Any], info: Any, tokens_per_s: Optional[float], rate
             est += f", {_fmt_time(run_tokens / tokens_per_s)} for max_steps"
         lines.append(est)
     else:
-        lines.append("estimated time: pass --tokens-per-s=N (configured) or --from-run=RUN (measured by a run)")
+        lines.append("estimated time: pass tokens_per_s=N (configured) or run=RUN (measured by a run)")
     return lines
 
 

@@ -34,7 +34,7 @@ from mistral_ft.masking import mask_log_handlers
 from mistral_ft.training.reliability import AtomicCheckpointIO, oom_advice, RngStates
 from mistral_ft.training.evaluation import GenerationEval, load_references
 from mistral_ft.training.schema import EvalSchema, Sources, strip_secrets, validate_config
-from mistral_ft.training.summary import print_report, write_summary, write_yaml
+from mistral_ft.training.summary import StepClock, print_report, write_summary, write_yaml
 from mistral_ft.training.tasks import TASKS, TaskSettings
 
 log = logging.getLogger("mistral_ft.train")
@@ -211,7 +211,8 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
                          logger=build("logger", c["logger"], run_dir),
-                         callbacks=[RngStates(), checkpoint, *build_callbacks(c.get("callbacks"))], plugins=plugins,
+                         callbacks=[RngStates(), StepClock.make(), checkpoint, *build_callbacks(c.get("callbacks"))],
+                         plugins=plugins,
                          default_root_dir=str(run_dir))
     except (ValueError, MisconfigurationException) as err:
         raise ConfigError(f"trainer: {err} (trainer.accelerator={trainer_args.get('accelerator')!r}, "

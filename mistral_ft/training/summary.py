@@ -6,6 +6,7 @@ import json
 import math
 import resource
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +30,41 @@ def peak_memory_mb() -> tuple[float, str]:
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "cpu_peak_rss"
+
+
+class StepClock:
+    """Wall time of every optimizer step, end to end: data loading, hooks, logging and the step itself.
+
+    What `summary.json`'s `step_times_s` reports, so a benchmark can time the CLI at steady state (later
+    steps) and report start-up apart; one `perf_counter` per micro-batch, nothing that syncs a device.
+    A Lightning callback made by `make()` (this module does not import Lightning at import time).
+    """
+
+    @staticmethod
+    def make() -> Any:
+        import lightning as L
+
+        class _StepClock(L.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self._last: Optional[float] = None
+                self._step: Optional[int] = None
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                if self._last is None:  # the first step starts at its first batch (start-up not included)
+                    self._last, self._step = time.perf_counter(), int(trainer.global_step)
+
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+                if int(trainer.global_step) != self._step:  # an optimizer step has just ended
+                    now = time.perf_counter()
+                    self.times.append(now - self._last)
+                    self._last, self._step = now, int(trainer.global_step)
+
+        return _StepClock()
+
+    @staticmethod
+    def times(trainer: Any) -> list[float]:
+        return next((list(cb.times) for cb in trainer.callbacks if type(cb).__name__ == "_StepClock"), [])
 
 
 def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any], info: Any, *, recipe: Optional[str], tokens: int, targets: int,
@@ -68,6 +104,7 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
         "eval_time_s": float(gen.time_s) if gen is not None else None,
         "eval_before": {f"val_{k}": v for k, v in gen.before.items()} if gen is not None and gen.before else None,
         "wall_s": float(wall_s),
+        "step_times_s": StepClock.times(trainer),  # this process's optimizer steps (see StepClock)
         "peak_memory_mb": float(mem),
         "peak_memory_kind": mem_kind,
         "trainable_params": int(trainable),

@@ -1,70 +1,76 @@
-"""Smoke test of scripts/benchmark.py: it runs and reports; it does not time anything.
+"""Smoke tests of the benchmarks/ harness (scripts/benchmark.py): it runs and reports; nothing is timed here.
 
 Speed claims belong in docs/benchmarks.md, measured on a known machine; a timed assertion in CI would only
-measure how busy the CI machine is. What this test guards: the two systems still run side by side (our model
-with packing + chunked loss, transformers + peft with padding), they see the same data (equal losses), and the
-JSON keeps the fields docs/benchmarks.md and any tooling read.
+measure how busy the CI machine is. What these guard: every system is handed the same examples per optimizer
+step (the CLI's own loader decides them), our CLI and transformers + peft still run side by side on them (equal
+first-step losses: same weights, same examples, LoRA's B starts at zero), the CLI's per-step clock
+(summary.json's step_times_s) covers every step, and the JSON keeps the fields docs/benchmarks.md reads. Peer
+environments (torchtune, litgpt) are never built here.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark.py"
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # benchmarks/ sits beside mistral_ft/ (not an installed package)
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.systems import HFFlat, HFPadded, OursModel  # noqa: E402
+from benchmarks.workload import PRESETS, count_targets, prepare  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "benchmark.py"
 
 
-def _load_script():
+def test_every_system_gets_the_steps_examples(tmp_path):
+    preset = PRESETS["tiny"]
+    plan = prepare(tmp_path, preset, 3)
+    spec = {"workdir": str(tmp_path), "threads": 1, "seed": 0, "seq_len": preset["seq_len"], "loss_chunk_size": 64}
+    flat, padded, ours = HFFlat(spec), HFPadded(spec), OursModel(spec)
+    for step in plan["steps"]:
+        assert step["rows"] == preset["micro_batch"] and len(step["examples"]) >= step["rows"]
+        # the examples cut from the packed rows are the rows' real tokens, in order
+        packed = [t for row, docs in zip(step["ours"]["input_ids"], step["ours"]["document_ids"])
+                  for t, d in zip(row, docs) if d >= 0]
+        assert packed == [t for e in step["examples"] for t in e["input_ids"]]
+        (f,) = flat.layout(step)
+        assert f["input_ids"][0].tolist() == packed
+        # positions restart per example: transformers then attends within each example only
+        assert f["position_ids"][0].tolist() == [i for e in step["examples"] for i in range(len(e["input_ids"]))]
+        assert int((f["labels"][0, 1:] != -100).sum()) == step["targets"]  # same targets, no cross-example ones
+        micros = padded.layout(step)
+        assert sum(m["input_ids"].shape[0] for m in micros) == len(step["examples"])
+        assert sum(count_targets(row) for m in micros for row in m["labels"].tolist()) == step["targets"]
+        for m in micros:  # within our micro-batch's token budget (a lone long example may fill it)
+            assert m["input_ids"].shape[0] == 1 or m["input_ids"].numel() <= step["rows"] * preset["seq_len"]
+        (o,) = ours.layout(step)
+        assert o["input_ids"].tolist() == step["ours"]["input_ids"]
+
+
+def test_smoke_cli_vs_transformers(tmp_path):
+    res = harness.run("tiny", systems=("ours_cli", "hf_flat"), rounds=1, steps=2, warmup=1, log=lambda m: None)
+    assert set(res["systems"]) == {"ours_cli", "hf_flat"}
+    for s in res["systems"].values():
+        assert len(s["tokens_per_s"]["rounds"]) == 1 and s["tokens_per_s"]["min"] > 0
+        assert s["step_time_s"]["median"] > 0 and s["peak_rss_mb"] > 0
+    assert res["systems"]["ours_cli"]["startup_s"]["median"] > 0
+    assert {"median", "worst", "peak_rss"} <= set(res["ratios"]["ours_cli/hf_flat"])
+    assert [x["when"] for x in res["load_avg"]] == ["start", "after round 1"]
+    # the CLI and transformers start from the same weights on the same examples: the same first loss
+    assert res["checks"]["first_step_loss_spread"] < 1e-4
+    assert set(res["targets"]) >= {"cli_vs_hf_flat_median >= 1.25", "cli_vs_hf_flat_peak_rss <= 1.0"}
+
+
+def test_pair_refuses_7b_shapes_without_gpu(monkeypatch):
     spec = importlib.util.spec_from_file_location("mistral_ft_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plan_gives_both_systems_the_same_examples():
-    bench = _load_script()
-    examples = bench.make_examples(200, 64, 512, 20, seed=0)
-    assert all(16 <= len(e["input_ids"]) <= 64 and e["labels"][0] == -100 for e in examples)
-    plan = bench.plan_steps(examples, 3, seq_len=64, rows_per_step=2, micro_batch=2)
-    for step in plan:
-        theirs = sorted(j for micro in step["theirs_micro"] for j in micro)
-        assert theirs == sorted(step["examples"])
-        for micro in step["theirs_micro"]:  # padded size within the token budget (a lone long example may fill it)
-            longest = max(len(examples[j]["input_ids"]) for j in micro)
-            assert len(micro) == 1 or len(micro) * longest <= 2 * 64
-    used = [j for s in plan for j in s["examples"]]
-    assert used == list(range(len(used)))  # consecutive, none skipped or repeated
-
-
-def test_benchmark_smoke_runs_and_writes_json(tmp_path):
-    bench = _load_script()
-    out = tmp_path / "bench.json"
-    bench.main(["--config", "tiny", "--steps", "2", "--warmup", "0", "--steps-per-round", "1", "--threads", "1",
-                "--gen-new-tokens", "4", "--gen-repeats", "1", "--json", str(out)])
-    res = json.loads(out.read_text())
-    assert res["device"]["type"] in ("cpu", "cuda")
-    assert {"torch", "transformers", "peft"} <= set(res["versions"])
-    for name in ("mistral_ft", "transformers_peft"):
-        s = res["systems"][name]
-        assert s["train"]["steps"] == 2 and s["train"]["tokens_per_s"] > 0
-        assert s["train"]["step_time_s"]["median"] > 0 and 0 < s["train"]["padding_efficiency"] <= 1
-        mem = s["memory"]["peak_allocated_mb" if res["device"]["type"] == "cuda" else "peak_rss_mb"]
-        assert mem > 0
-        assert s["generate"]["prefill_tokens_per_s"] > 0 and s["generate"]["new_tokens"] == 4
-        assert s["generate"]["decode_tokens_per_s"] is None or s["generate"]["decode_tokens_per_s"] > 0
-    assert {"train_tokens_per_s", "peak_memory", "prefill_tokens_per_s", "decode_tokens_per_s"} <= set(res["ratios"])
-    # same weights, same LoRA init, same examples per step: the two systems compute the same losses
-    assert res["checks"]["loss_max_abs_diff"] < 1e-4
-    assert res["checks"]["greedy_tokens_equal"] is True
-
-
-def test_mistral_7b_refused_without_gpu(monkeypatch):
-    bench = _load_script()
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        bench.run_benchmark(bench.parse_args(["--config", "mistral-7b"]))
+        script.main(["pair", "--config", "mistral-7b", "--no-generate"])

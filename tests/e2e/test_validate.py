@@ -41,7 +41,7 @@ def test_statistics_truncation_and_time_estimate(tmp_path, capsys):
                                                               {"role": "assistant", "content": long_answer}]})]
     data = _write(tmp_path / "chats.jsonl", rows)
     rc = main([*ARGS, f"data.train_file={data}", "data.max_length=32", "data.batch_size=2",
-               "trainer.accumulate_grad_batches=2", "trainer.max_steps=10", "--tokens-per-s=100"])
+               "trainer.accumulate_grad_batches=2", "trainer.max_steps=10", "tokens_per_s=100"])
     out = capsys.readouterr().out
     assert rc == 0, out
     line = next(x for x in out.splitlines() if x.startswith("token lengths"))
@@ -50,15 +50,15 @@ def test_statistics_truncation_and_time_estimate(tmp_path, capsys):
     assert "truncated at data.max_length=32: 1 of 4 examples (25.0%)" in out
     assert "optimizer steps per epoch: 1 (4 examples per step" in out
     assert "trainer.max_steps=10: 10.00 epoch(s)" in out
-    assert "tokens/s [configured (--tokens-per-s)]" in out and "no problems found" in out
+    assert "tokens/s [configured (tokens_per_s)]" in out and "no problems found" in out
 
 
 def test_measured_rate_from_a_run(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"tokens_per_s": 1234.0}))
-    assert main(["recipe=instruct_lora", "model=tiny", f"--from-run={run}"]) == 0
-    assert "1,234 tokens/s [measured (--from-run=" in capsys.readouterr().out
+    assert main(["recipe=instruct_lora", "model=tiny", f"run={run}"]) == 0
+    assert "1,234 tokens/s [measured (run=" in capsys.readouterr().out
 
 
 def test_collect_mode_keeps_training_strict(tmp_path):

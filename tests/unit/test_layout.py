@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mistral_ft"
 CLI_MODULES = {"mistral_ft.train", "mistral_ft.validate", "mistral_ft.export", "mistral_ft.generate", "mistral_ft.convert",
-               "mistral_ft.evaluate"}
+               "mistral_ft.evaluate", "mistral_ft.__main__"}  # __main__: the `mistral-ft` dispatcher (importlib)
 
 
 def _module_name(path: Path) -> str:

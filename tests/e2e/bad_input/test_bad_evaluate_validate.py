@@ -63,7 +63,7 @@ def _va_summary(text):
         run = tmp / "prev"
         run.mkdir()
         (run / "summary.json").write_text(text)
-        return Case(["recipe=instruct_lora", "model=tiny", f"--from-run={run}"], [str(run / "summary.json")])
+        return Case(["recipe=instruct_lora", "model=tiny", f"run={run}"], [str(run / "summary.json")])
     return make
 
 
@@ -76,9 +76,9 @@ def _va_rows(rows, expect):
 
 
 VALIDATE = {
-    "tokens_per_s_zero": _va("--tokens-per-s=0"),
-    "tokens_per_s_nan": _va("--tokens-per-s=nan"),
-    "tokens_per_s_negative": _va("--tokens-per-s=-5", expect=["--tokens-per-s", "-5"]),
+    "tokens_per_s_zero": _va("tokens_per_s=0"),
+    "tokens_per_s_nan": _va("tokens_per_s=nan"),
+    "tokens_per_s_negative": _va("tokens_per_s=-5", expect=["tokens_per_s", "-5"]),
     "summary_malformed": _va_summary('{"tokens_per_s": '),
     "summary_too_deep": _va_summary(deep_json()),
     "summary_not_an_object": _va_summary("[1]"),

@@ -160,7 +160,7 @@ def test_multirun_refuses_multiprocess_strategy(capsys, tmp_path):
 
 
 def test_cfg_flag_prints_config(capsys):
-    assert main(["recipe=instruct_lora", "model=tiny", "--cfg"]) == 0
+    assert main(["recipe=instruct_lora", "model=tiny", "--cfg", "job"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["task"] == "causal_lm" and out["model"]["name"] == "tiny"
 
