@@ -2,7 +2,8 @@
 
     python scripts/demo_report.py --run RUN [--data data/instruct_val.jsonl] [--show 5]
 
-Why a script beside run_demo.sh (not library code): it drives the generate CLI's loader. Why a separate step: the base (without the adapter) and the fine-tuned model (base + the run's adapter) are
+Why a script beside run_demo.sh (not library code): it drives the generate CLI's loader and run resolution
+(``generate --run RUN``), so the score is what ``python -m mistral_ft.generate --run RUN --chat`` answers. Why a separate step: the base (without the adapter) and the fine-tuned model (base + the run's adapter) are
 scored with the same :func:`~mistral_ft.evaluation.generation_eval.exact_match`, so the "before" number is
 measured, not assumed. ``scripts/run_demo.sh`` calls it after training.
 """
@@ -38,6 +39,9 @@ def report(run: Path, data: Path, show: int = 5, max_new_tokens: int = 32) -> di
     n = len(conversations)
     print(f"Exact match on {n} chats of {data.name}: {before.exact_match:.1%} -> {after.exact_match:.1%} "
           f"(normalised {before.normalised_match:.1%} -> {after.normalised_match:.1%})")
+    example = next((a["prompt"] for a in after.samples if a["exact"]), after.samples[0]["prompt"])
+    print(f"Ask it yourself: python -m mistral_ft.generate --run {run} --chat   (one message per line, e.g. "
+          f"{example!r})")
     return {"n": n, "before": before.exact_match, "after": after.exact_match,
             "before_normalised": before.normalised_match, "after_normalised": after.normalised_match}
 

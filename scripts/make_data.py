@@ -3,13 +3,14 @@
     python scripts/make_data.py            # writes data/*.jsonl
     python scripts/make_data.py --check    # exit 1 if the committed files differ from a fresh build
 
-Why synthetic: the embedded default (`model=tiny`, a small random model) must show learning in about
-100 CPU steps, with nothing downloaded. So the answers are short templates a small model picks up
-fast (the same few phrasings, answers copied or looked up from the prompt), and the
+Why synthetic: the embedded default (`model=tiny`, a 4 M-parameter base pre-trained on plain text by
+scripts/build_tiny_base.py) must visibly learn in a few CPU minutes, with nothing downloaded. So the answers
+are short templates whose content is copied from the prompt (greetings, repetitions), and the
 classification texts carry strongly class-indicative words.
 
     instruct_{train,val}.jsonl  messages format: optional system prompt, 1-2 turns; some earlier
-                                assistant turns have weight 0 (in the context, not trained on)
+                                assistant turns have weight 0 (in the context, not trained on); the
+                                validation rows' last question is held out of training
     classify_{train,val}.jsonl  text + label, 3 classes (sports / weather / food)
 """
 
@@ -24,47 +25,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "data"
 
-NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea",
-         "Max", "Nora", "Omar", "Pia"]
+NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea", "Max", "Nora",
+         "Omar", "Pia", "Rosa", "Sam", "Tara", "Uma", "Vera", "Will", "Yara", "Zoe", "Alan", "Bella", "Carl",
+         "Dora", "Emil", "Fay", "Greta", "Hugo", "Iris", "Jon", "Kim", "Luca", "Mia", "Nils", "Olga", "Paul",
+         "Rita", "Tom", "Ugo", "Vince", "Wanda", "Xena", "Yves", "Zack"]
+WORDS = ["cat", "dog", "sun", "hat", "pen", "cup", "box", "map", "egg", "bus", "tree", "fish", "bird", "cake",
+         "door", "lamp", "ship", "star", "rain", "milk", "book", "ball", "coat", "road", "moon", "shoe", "bell",
+         "rock", "leaf", "ring", "sock", "fork"]
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow", "tomato": "red"}
-WORDS = ["cat", "dog", "sun", "hat", "pen", "cup", "box", "map", "egg", "bus"]
 SYSTEMS = ["You are a helpful assistant.", "Answer briefly."]
 
-# The held-out split asks prompts the training file never contains (a test checks it): sums of pairs, names
-# and word triples that are held out of training. Colours (facts) and spelling (the letters of a word the
-# model never saw spelled) cannot be held out this way, so they appear in training and as context only.
-HELD_SUMS = {(a, b) for a in range(10) for b in range(10) if (a + 3 * b) % 5 == 0}
-HELD_NAMES = {"Max", "Nora", "Omar", "Pia"}
+# The held-out split's scored question is one the training file never contains (a test checks it): a greeting of
+# a name that no training chat mentions, or a repetition of a word triple that no training chat asks for. Both
+# are copying tasks: the answer is built from the prompt, so a base that learned to copy from plain text
+# (scripts/build_tiny_base.py) can learn the answer template from the training chats and fill in unseen content.
+# The colour facts are trained on but not scored (a fact cannot be held out and still be known).
+HELD_NAMES = set(NAMES[3::4])  # 12 of 48
 
 
-def _held_triple(words: list[str]) -> bool:
+def held_triple(words: list[str]) -> bool:
     return sum(WORDS.index(w) * (i + 1) for i, w in enumerate(words)) % 5 == 0
 
 
 def _turn(rng: random.Random, held: bool | None) -> tuple[str, str]:
-    """One (question, answer) pair from one of five templates; ``held``: True = held-out items only (and only
-    the three tasks that have them), False = never a held-out item, None = any (context turns of val rows)."""
-    kind = rng.choice([0, 1, 4]) if held else rng.randrange(5)
+    """One (question, answer) pair; ``held``: True = a held-out item (greeting or repetition only),
+    False = never a held-out item, None = any (context turns of val rows)."""
+    kind = rng.choice([0, 1]) if held else rng.choice([0, 0, 1, 1, 2])
     if kind == 0:
-        while True:
-            a, b = rng.randrange(10), rng.randrange(10)
-            if held is None or ((a, b) in HELD_SUMS) == held:
-                return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
-    if kind == 1:
         while True:
             name = rng.choice(NAMES)
             if held is None or (name in HELD_NAMES) == held:
                 return f"Greet {name}.", f"Hello {name}, nice to meet you!"
-    if kind == 2:
-        thing = rng.choice(sorted(COLORS))
-        return f"What color is the {thing}?", f"The {thing} is {COLORS[thing]}."
-    if kind == 3:
-        word = rng.choice(WORDS)
-        return f"Spell the word {word}.", " ".join(word)
-    while True:
-        words = rng.sample(WORDS, 3)
-        if held is None or _held_triple(words) == held:
-            return f"Repeat after me: {' '.join(words)}", " ".join(words)
+    if kind == 1:
+        while True:
+            words = rng.sample(WORDS, 3)
+            if held is None or held_triple(words) == held:
+                return f"Repeat after me: {' '.join(words)}", " ".join(words)
+    thing = rng.choice(sorted(COLORS))
+    return f"What color is the {thing}?", f"The {thing} is {COLORS[thing]}."
 
 
 def instruct_rows(n: int, seed: int, held: bool) -> list[dict]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: instruction-tune the embedded tiny Mistral (model=tiny) with LoRA on
-# the bundled chats. Runs on a CPU in about a minute; no download. Extra arguments are overrides,
+# The README's main command: instruction-tune the embedded tiny Mistral (model=tiny, pre-trained on plain
+# text and shipped in the package) with LoRA on the bundled chats, then show what it answers to held-out
+# chats before -> after. Runs on a CPU in a few minutes; no download. Extra arguments are overrides,
 # e.g. scripts/run_demo.sh trainer.max_steps=200 optimizer.lr=3e-3
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"   # creates/reuses .venv, installs the project, cd to the repo
 RUN_DIR="${RUN_DIR:-runs/demo/$(date +%Y-%m-%d_%H-%M-%S)}"

@@ -191,6 +191,10 @@ class GenerationEval:
         self.before_rows = self.last_rows
         return self.before
 
+    def log_table(self, loggers: Sequence[Any], step: int) -> None:
+        """The latest evaluation's sample table to TensorBoard / W&B (:func:`log_sample_table`); rank 0 calls it."""
+        log_sample_table(loggers, self.last_rows, step)
+
     def report_lines(self, show: int = 4) -> list[str]:
         """A few samples before -> after and the scores, for the end-of-run console report."""
         if not self.last_rows:
@@ -210,6 +214,31 @@ class GenerationEval:
             lines.append(f"  before fine-tuning: {fmt(self.before)}")
         lines.append(f"  after fine-tuning:  {fmt(self.last)}")
         return lines
+
+
+TABLE_COLUMNS = ("prompt", "reference", "generated", "exact")
+
+
+def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """The sample table's cells: the last user turn as the prompt (what a reader needs), then the answers."""
+    return [[r["prompt"][-1]["content"] if r["prompt"] else "", r["reference"], r["generated"], bool(r["exact"])]
+            for r in rows]
+
+
+def log_sample_table(loggers: Sequence[Any], rows: Sequence[Mapping[str, Any]], step: int,
+                     key: str = "eval_samples") -> None:
+    """The sample table to the loggers that can show one: TensorBoard as a markdown text summary, W&B as a
+    ``wandb.Table``; CSV (and any other logger) has no table and gets nothing. Rank 0 only (the caller's job)."""
+    cells = table_rows(rows)
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731  (one table row per sample)
+            md = "\n".join(["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
+                           + ["| " + " | ".join(esc(v) for v in row) + " |" for row in cells])
+            logger.experiment.add_text(key, md, global_step=step)
+        elif kind == "WandbLogger":
+            logger.log_table(key, columns=list(TABLE_COLUMNS), data=cells, step=step)  # a wandb.Table
 
 
 def write_samples(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

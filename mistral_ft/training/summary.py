@@ -140,12 +140,22 @@ def write_summary(module: Any, trainer: Any, run_dir: Path, c: Mapping[str, Any]
         summary["paths"]["regression_scatter"] = str(plot_regression(details, run_dir / "regression_scatter.png"))
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    plot_losses(module.loss_history, module.val_history, run_dir / "loss_curve.png")
+    title = f"{run_dir.name} | recipe {recipe or 'none'} | lr {c['optimizer']['lr']:g}"
+    before = {f"val_{k}": v for k, v in gen.before.items()} if gen is not None and gen.before else None
+    plot_losses(module.loss_history, module.val_history, run_dir / "loss_curve.png", title=title, before=before)
     return summary
 
 
-def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Loss per optimizer step (and validation points) as a PNG; Agg needs no display."""
+# The validation metric drawn on the second axis: the first of these a run logs (generation eval, then
+# classification / reward scores). All are 0..1 fractions.
+SCORE_METRICS = ("val_exact_match", "val_accuracy", "val_reward_accuracy")
+
+
+def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, float]], path: Path,
+                title: Optional[str] = None, before: Optional[Mapping[str, float]] = None) -> dict[str, Any]:
+    """Loss per optimizer step (and validation points) as a PNG, the eval score on a second axis (from step 0
+    when ``before``, the score before training, has it), the run (name, recipe, learning rate) in the title, so
+    a PNG shown alone still says what it is; Agg needs no display. Returns what was drawn (title, legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,18 +171,24 @@ def plot_losses(train: Sequence[tuple[int, float]], val: Sequence[Mapping[str, f
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    em = [(v["step"], v["val_exact_match"]) for v in val if "val_exact_match" in v]
-    if em:  # generation eval on a second axis: a 0..1 score beside a loss
+    metric = next((m for m in SCORE_METRICS if any(m in v for v in val)), None)
+    if metric:  # a 0..1 score beside a loss: its own axis
+        pts = [(0, before[metric])] if before and metric in before else []
+        pts += [(v["step"], v[metric]) for v in val if metric in v]
+        name = metric.removeprefix("val_").replace("_", " ")
         ax2 = ax.twinx()
-        ax2.plot([s for s, _ in em], [v for _, v in em], "s--", color="tab:green", label="val exact match")
+        ax2.plot([s for s, _ in pts], [v for _, v in pts], "s--", color="tab:green", label=f"val {name}")
         ax2.set_ylim(-0.02, 1.02)
-        ax2.set_ylabel("exact match")
+        ax2.set_ylabel(name)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return {"title": title, "legend": labels, "score": metric}
 
 
 def plot_confusion(report: Mapping[str, Any], path: Path) -> Path:

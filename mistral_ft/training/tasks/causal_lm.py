@@ -97,7 +97,10 @@ class CausalLMTask(FineTuneTask):
         if sharded_root:
             self.model.unshard()
         try:
-            return run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
+            metrics = run(self.model, rank=int(self.global_rank), world=world, reduce_sum=reduce_sum, gather=gather)
         finally:
             if sharded_root:
                 self.model.reshard()
+        if self.global_rank == 0:  # the sample table to TensorBoard / W&B where those loggers are on
+            self.generation_eval.log_table(self.trainer.loggers, int(self.global_step))
+        return metrics

@@ -26,10 +26,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The random tiny model: these tests check decoding mechanics, and the EOS test below relies on random rows."""
     from mistral_ft.generate import load
-    from mistral_ft.model.tiny import tiny_model_path
+    from mistral_ft.model.tiny import random_tiny_path
 
-    model, tok, _ = load(tiny_model_path(), device="cpu")
+    model, tok, _ = load(random_tiny_path(), device="cpu")
     return model, tok
 
 
@@ -201,3 +202,60 @@ def test_class_report_on_hand_made_predictions():
     f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(rep["precision"].values(), rep["recall"].values())]
     macro = torchmetrics.classification.MulticlassF1Score(num_classes=3, average="macro", ignore_index=-100)(preds, target)
     assert sum(f1) / 3 == pytest.approx(float(macro))
+
+
+_ROWS = [{"loc": "f:0", "prompt": [{"role": "user", "content": "Greet Ann."}], "reference": "Hello Ann, nice to meet you!",
+          "generated": "Hello Ann, nice to meet you!", "exact": True, "normalised": True, "generated_tokens": 9},
+         {"loc": "f:1", "prompt": [{"role": "user", "content": "Repeat after me: a | b"}], "reference": "a | b",
+          "generated": "a b", "exact": False, "normalised": False, "generated_tokens": 2}]
+
+
+def test_sample_table_goes_to_tensorboard_as_text(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mistral_ft.training.evaluation import log_sample_table
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    log_sample_table([CSVLogger(tmp_path, name="csv"), tb], _ROWS, step=7)  # CSV: no table, no error
+    tb.experiment.flush()
+    acc = EventAccumulator(tb.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    [event] = acc.Tensors("eval_samples/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == 7
+    assert "| prompt | reference | generated | exact |" in text
+    assert "| Greet Ann. | Hello Ann, nice to meet you! | Hello Ann, nice to meet you! | True |" in text
+    assert "a \\| b" in text  # a cell's | is escaped, so the row keeps four columns
+
+
+def test_sample_table_goes_to_wandb_as_a_table(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mistral_ft.training.evaluation import log_sample_table
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
+    try:
+        log_sample_table([logger], _ROWS, step=3)
+    finally:
+        logger.experiment.finish()
+    [table_file] = list(tmp_path.rglob("eval_samples_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["prompt", "reference", "generated", "exact"]
+    assert table["data"] == [["Greet Ann.", "Hello Ann, nice to meet you!", "Hello Ann, nice to meet you!", True],
+                             ["Repeat after me: a | b", "a | b", "a b", False]]
+
+
+def test_loss_curve_has_the_eval_score_axis_and_names_the_run(tmp_path):
+    from mistral_ft.training.summary import plot_losses
+
+    val = [{"step": 5, "val_loss": 2.0, "val_exact_match": 0.5}, {"step": 10, "val_loss": 1.0, "val_exact_match": 0.9}]
+    drawn = plot_losses([(1, 3.0), (10, 1.0)], val, tmp_path / "c.png", title="run7 | recipe instruct_lora | lr 0.005",
+                        before={"val_exact_match": 0.0})
+    assert drawn == {"title": "run7 | recipe instruct_lora | lr 0.005", "score": "val_exact_match",
+                     "legend": ["train loss (token-weighted)", "val loss", "val exact match"]}
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    drawn = plot_losses([(1, 3.0)], [{"step": 1, "val_loss": 2.0, "val_accuracy": 0.7}], tmp_path / "d.png")
+    assert drawn["score"] == "val_accuracy" and drawn["legend"][-1] == "val accuracy"
