@@ -32,9 +32,10 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
     """Run `body()` and turn its exceptions into an exit status.
 
     `classify(err)` returns (message, status) for errors with a message of their own (bad input: status 2),
-    or None for anything else, which is re-raised (a traceback) with `raise_unknown` (generate and the
-    converter, until the reliability issue gives every command one policy), else reported as "`what` failed: Type: text" with status 1 after
-    `on_failure()` (e.g. logging the traceback to the run's log file).
+    or None for anything else: a bug, re-raised with its traceback (exit 1) with `raise_unknown` (generate
+    and the converter), else reported as "`what` failed: Type: text" with status 1 after `on_failure()`
+    (e.g. logging the traceback to the run's log file). Every CLI's `classify` uses `user_message`, so what
+    counts as bad input is decided in one place.
     """
     from mistral_ft.quiet import quiet_third_party
 
@@ -76,6 +77,20 @@ def user_message(err: BaseException) -> Optional[str]:
         user_types.append(MisconfigurationException)
     except ImportError:  # pragma: no cover
         pass
+    from mistral_ft.fs import is_out_of_space, out_of_space
+
+    cause: Optional[BaseException] = err
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))  # a full disk: the path and the free space, whoever wrote (and whoever wrapped it:
+        if is_out_of_space(cause):  # logging.config reports a log file it could not open as a ValueError)
+            return str(out_of_space(cause))  # type: ignore[arg-type]
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+        # an OS error on a path the user gave (a folder below a regular file, no permission, a read-only
+        # file system): the path and the reason are the whole story
+        other = f" -> {err.filename2}" if err.filename2 else ""
+        return f"{err.filename}{other}: {err.strerror or err}"
     if isinstance(err, tuple(user_types)):
         kind = {"DataError": "data", "CheckpointError": "model checkpoint", "MisconfigurationException": "trainer"}.get(
             type(err).__name__, "")

@@ -12,8 +12,9 @@ import sys
 from typing import Optional
 
 from mistral_ft.checkpoints.convert import MODEL_SIZES, convert_checkpoint
-from mistral_ft.cli import run_cli
-from mistral_ft.errors import CheckpointError, ConversionError
+from mistral_ft.cli import run_cli, user_message
+from mistral_ft.errors import ConversionError
+from mistral_ft.model.weights import parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +37,31 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        check_options(args)
         out = convert_checkpoint(args.input_dir, args.output_dir, args.model_size, args.dtype, args.max_shard_size,
                                  args.max_position_embeddings, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
 
     def classify(err: Exception) -> Optional[tuple[str, int]]:
-        return (str(err), 2) if isinstance(err, (ConversionError, CheckpointError, OSError)) else None
+        message = user_message(err)  # ConversionError/CheckpointError are UserErrors; OS errors on a path; full disk
+        return (message, 2) if message is not None else None
 
     # bugs keep their traceback (raise_unknown); Ctrl-C exits 130 as before, now with one line instead of a traceback
     return run_cli(body, ["debug=true"] if args.debug else [], "conversion", classify, raise_unknown=True)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Numeric options, checked before anything is read (a bad shard size would otherwise fail after the
+    whole conversion, in save_pretrained)."""
+    try:
+        size = parse_size(args.max_shard_size)
+    except (ValueError, OverflowError):
+        raise ConversionError(f"--max_shard_size {args.max_shard_size}: expected a size like 5GB or 500MB") from None
+    if size < 1:
+        raise ConversionError(f"--max_shard_size {args.max_shard_size}: must be positive")
+    if args.max_position_embeddings is not None and args.max_position_embeddings < 1:
+        raise ConversionError(f"--max_position_embeddings {args.max_position_embeddings}: must be >= 1")
 
 
 if __name__ == "__main__":

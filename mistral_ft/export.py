@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mistral_ft.checkpoints.export import DTYPES, export
-from mistral_ft.cli import DEBUG_ENV, renamed, run_cli
+from mistral_ft.cli import DEBUG_ENV, renamed, run_cli, user_message
 from mistral_ft.errors import CheckpointError, ConfigError, ExportError
 from mistral_ft.model.weights import parse_size
 
@@ -47,9 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     def classify(err: Exception) -> Optional[tuple[str, int]]:
-        if isinstance(err, (ExportError, CheckpointError, ConfigError, FileNotFoundError)):
-            return str(err), 2
-        return None
+        return (str(err), 2) if isinstance(err, (ExportError, CheckpointError, ConfigError)) else \
+            ((m, 2) if (m := user_message(err)) is not None else None)  # + OS errors on a path, a full disk
 
     return run_cli(body, args, "export", classify, interrupted="interrupted (nothing was written to the output folder)",
                    failure_hint=f"\n(set debug=true or {DEBUG_ENV}=1 for the full traceback)")
@@ -78,7 +77,7 @@ def parse_args(args: Sequence[str]) -> dict[str, Any]:
     if "max_shard_size" in opts:
         try:
             out["max_shard_size"] = parse_size(opts["max_shard_size"])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ExportError(f"max_shard_size={opts['max_shard_size']}: expected a size like 2GB or 500MB") from None
         if out["max_shard_size"] < 1:
             raise ExportError(f"max_shard_size={opts['max_shard_size']}: must be positive")

@@ -18,7 +18,7 @@ base) are one line on stderr and exit status 2; ``--debug`` shows the traceback 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any, Optional, TextIO
 import torch
 
 from mistral_ft.checkpoints.load import load
-from mistral_ft.cli import run_cli
+from mistral_ft.cli import run_cli, user_message
 from mistral_ft.errors import GenerateError
 from mistral_ft.runs import resolve_run
 
@@ -115,13 +115,53 @@ def _generate(model, ids: list[int], args, generator, streamer) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse decoding values that would fail deep inside sampling (or silently mean something else)."""
+    def bad(flag: str, value: Any, want: str) -> GenerateError:
+        return GenerateError(f"{flag} {value}: must be {want}")
+
+    if args.max_new_tokens < 1:
+        raise bad("--max-new-tokens", args.max_new_tokens, "a whole number >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise bad("--temperature", args.temperature, "a finite number > 0 (use greedy decoding, the default, "
+                  "for temperature 0)")
+    if args.top_k is not None and args.top_k < 1:
+        raise bad("--top-k", args.top_k, "a whole number >= 1 (leave it out for no top-k filtering)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise bad("--top-p", args.top_p, "in (0, 1] (leave it out for no nucleus filtering)")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise bad("--seed", args.seed, "a whole number in [0, 2**63)")
+    args.device = check_device(args.device)
+
+
+def check_device(device: Optional[str]) -> str:
+    """`--device` as torch spells it, refused here when torch could not use it (not a device, no CUDA)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise GenerateError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:N, mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError(f"--device {device}: CUDA is not available on this machine (torch "
+                                f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise GenerateError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerateError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise GenerateError(f"--device {device}: generation runs on cpu, cuda or mps")
+    return device
+
+
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     if args.run and args.adapter:
         raise GenerateError("give either --run or --adapter, not both")
     if not args.run and not args.model:
         raise GenerateError("give --model FOLDER (or --run RUN_FOLDER)")
-    if args.max_new_tokens < 0:
-        raise GenerateError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_options(args)
     model_path, adapter = args.model, args.adapter
     if args.run:
         run_model, adapter = resolve_run(Path(args.run).expanduser())
@@ -174,9 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args, sys.stdin, sys.stdout)
 
     def classify(err: Exception) -> Optional[tuple[str, int]]:
-        # every ValueError counts as bad input here (CheckpointError/ConfigError are ValueErrors): kept as it
-        # was; the reliability issue narrows it to UserError for every command
-        return (str(err), 2) if isinstance(err, (GenerateError, FileNotFoundError, ValueError, OSError)) else None
+        message = user_message(err)  # the one policy: our UserErrors and OS errors on a given path
+        return (message, 2) if message is not None else None
 
     return run_cli(body, ["debug=true"] if args.debug else [], "generation", classify, interrupted="",
                    raise_unknown=True)

@@ -60,6 +60,8 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
     if p.is_dir() and (p / "meta.pt").is_file():  # a sharded (strategy=fsdp) checkpoint folder
         return p, p.parent.parent if p.parent.name == "checkpoints" else p.parent
     if p.is_dir():
+        if (p / BASE_RECORD).is_file():  # corrupt: refused now, before the run folder is touched
+            read_json_object(p / BASE_RECORD, ConfigError)
         ckpt = p / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise ConfigError(f"resume={path}: no checkpoint at {ckpt} (the run saved none yet, or this is not a run folder)")
@@ -159,7 +161,7 @@ def record_base(run_dir: str | os.PathLike, model_path: str | os.PathLike, model
     """
     path = Path(run_dir) / BASE_RECORD
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path, ConfigError)  # a corrupt record names its file and line
         if old.get("fingerprint") != fingerprint(model_path):
             log.warning("the base weights at %s differ from the ones this run started from (%s)", model_path, path)
         return
@@ -222,7 +224,14 @@ def read_run_config(run_dir: Path) -> Optional[dict[str, Any]]:
         return None
     import yaml
 
-    return yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a corrupt run folder: name the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{cfg_file}: not readable YAML ({first})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cfg_file}: expected a mapping of config sections, got {type(config).__name__}")
+    return config
 
 
 class RunFolder:

@@ -87,7 +87,14 @@ def _main(args: list[str]) -> int:
             hydra.multirun(config_name=config_name, task_function=task, overrides=overrides + pinned)
             return 0
         # Hydra prints "Error executing job with overrides" for a failed job; we report it ourselves.
-        hydra.run(config_name=config_name, task_function=task, overrides=overrides + pinned)
+        run_dir = _planned_run_dir(cfg)
+        existed = run_dir is None or run_dir.exists()
+        try:
+            hydra.run(config_name=config_name, task_function=task, overrides=overrides + pinned)
+        except Exception:  # Hydra's own setup failed (e.g. it could not open train.log: a full disk)
+            if not existed and _just_created(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if task.failure:
             raise task.failure[0]
         return 0
@@ -133,6 +140,17 @@ class _Task:
             return None
 
 
+def _planned_run_dir(cfg: Any) -> Optional[Path]:
+    """hydra.run.dir as Hydra will make it, when it can be known beforehand (None when it cannot)."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, "hydra.run.dir")
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra resolves (${now:...}): not known here
+        return None
+    return Path(str(value)).expanduser().absolute() if value else None
+
+
 def _just_created(run_dir: Path) -> bool:
     """True when Hydra made `run_dir` for this call: it holds nothing but its own empty train.log.
 
@@ -143,7 +161,7 @@ def _just_created(run_dir: Path) -> bool:
         entries = list(run_dir.iterdir())
     except OSError:
         return False
-    return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)
+    return all(p.name == "train.log" and p.stat().st_size == 0 for p in entries)  # (an empty folder: True)
 
 
 if __name__ == "__main__":

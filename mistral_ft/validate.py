@@ -20,7 +20,6 @@ Nothing is written: no run folder, no cache beyond the tiny model's and `dataset
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Optional
 
 from mistral_ft.cli import renamed, run_cli, user_message
 from mistral_ft.errors import UserError
+from mistral_ft.model.config import read_json_object
 from mistral_ft.runs import model_folder
 from mistral_ft.training.compose import compose_config
 from mistral_ft.training.run import check_tokenizer_matches_model
@@ -77,12 +77,9 @@ def measured_tokens_per_s(run: Path) -> float:
     summary = run / "summary.json"
     if not summary.is_file():
         raise ValidateUsageError(f"run={run}: {summary} not found (a finished training run has one)")
-    try:
-        value = json.loads(summary.read_text(encoding="utf-8")).get("tokens_per_s")
-    except json.JSONDecodeError as err:
-        raise ValidateUsageError(f"run={run}: {summary} is not valid JSON ({err.msg})") from None
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValidateUsageError(f"run={run}: {summary} has no tokens_per_s")
+    value = read_json_object(summary, ValidateUsageError).get("tokens_per_s")  # names file:line, deep nesting too
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValidateUsageError(f"run={run}: {summary} has no tokens_per_s (a finite number > 0), got {value!r}")
     return float(value)
 
 

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from mistral_ft.errors import ConfigError
+
 # All seven linear layers of a Mistral decoder layer (HF names): QLoRA's finding that adapting
 # every linear layer is what closes the gap to full fine-tuning (Dettmers et al. 2023, sec. 4).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,7 +104,7 @@ def _check_targets(model: nn.Module, targets: Sequence[str]) -> None:
     linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in linear_names]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"peft.target_modules: {missing} match no linear layer of the model; "
             f"valid names: {sorted(linear_names - {'lm_head', 'score'})}"
         )

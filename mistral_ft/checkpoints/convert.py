@@ -28,6 +28,7 @@ Also here: :func:`mha_to_gqa`, the seed's recipe for turning a multi-head checkp
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -111,6 +112,19 @@ def read_params(path: str | os.PathLike, model_size: str | None = None, max_posi
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise ConversionError(f"{path}: field '{key}' has the wrong type: {value!r}")
+    for key in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads", "max_seq_len",
+                "max_position_embeddings", "sliding_window"):
+        if params.get(key) is not None and params[key] < 1:
+            raise ConversionError(f"{path}: field '{key}' is {params[key]}; it must be >= 1")
+    for key in ("norm_eps", "rope_theta"):
+        if key in params and not (math.isfinite(params[key]) and params[key] > 0):
+            raise ConversionError(f"{path}: field '{key}' is {params[key]}; it must be a finite number > 0")
+    if params["n_heads"] % params.get("n_kv_heads", params["n_heads"]):
+        raise ConversionError(f"{path}: field 'n_kv_heads' is {params['n_kv_heads']}, which does not divide "
+                              f"n_heads={params['n_heads']} (each key/value head serves a whole group of query heads)")
+    if "head_dim" not in params and params["dim"] % params["n_heads"]:
+        raise ConversionError(f"{path}: dim={params['dim']} is not a multiple of n_heads={params['n_heads']} and "
+                              "there is no 'head_dim' field")
     if model_size is not None:
         if model_size not in MODEL_SIZES:
             raise ConversionError(f"--model_size {model_size!r} is not supported; use one of {sorted(MODEL_SIZES)}")

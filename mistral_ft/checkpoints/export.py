@@ -43,6 +43,7 @@ from mistral_ft.adapters.merge import lora_scaling, merge_shards, split_adapter
 from mistral_ft.distributed.checkpoint import read_sharded_checkpoint
 from mistral_ft.errors import ExportError
 from mistral_ft.model import MistralConfig, MistralForCausalLM, MistralForSequenceClassification
+from mistral_ft.model.config import read_json_object
 from mistral_ft.model.weights import save_state_dict
 from mistral_ft.runs import (BASE_RECORD, CheckpointReadError, RunFolder, adapter_base_name, check_base, fingerprint,
                              model_folder, read_checkpoint)
@@ -104,14 +105,21 @@ class Run(RunFolder):
                 k = key.replace(".modules_to_save.default.", ".").replace(".lora_magnitude_vector.default.weight",
                                                                             ".lora_magnitude_vector")
                 state[k.replace(".default.", ".")] = t
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else lora_config(self.config["peft"], self.task)
+            cfg = (read_json_object(cfg_file, ExportError) if cfg_file.is_file()
+                   else lora_config(self.config["peft"], self.task))
         else:
             weights = folder / "adapter_model.safetensors"
             if not weights.is_file() or not cfg_file.is_file():
                 raise ExportError(f"{folder}: adapter_config.json or adapter_model.safetensors is missing")
             from safetensors.torch import load_file
 
-            state, cfg = load_file(str(weights)), json.loads(cfg_file.read_text())
+            try:
+                state = load_file(str(weights))
+            except Exception as e:  # noqa: BLE001 - safetensors' errors for a torn or foreign file
+                raise ExportError(f"{weights}: not a readable safetensors file (truncated or corrupt: "
+                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                                  ) from None
+            cfg = read_json_object(cfg_file, ExportError)
         cfg.update(base_model_name_or_path=base_name, inference_mode=True)
         return state, cfg
 
@@ -141,7 +149,10 @@ def lora_config(peft_cfg: Mapping[str, Any], task: str) -> dict[str, Any]:
 def resolve_base(run: Run, base: Optional[str]) -> tuple[Path, str]:
     """(local base folder, name for adapter_config's base_model_name_or_path), checked against the record."""
     record_file = run.dir / BASE_RECORD
-    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    record = read_json_object(record_file, ExportError) if record_file.is_file() else None
+    if record is not None and not isinstance(record.get("path"), str):
+        raise ExportError(f"{record_file}: no 'path' of the base weights (a corrupt record); pass base=PATH to "
+                          "the weights the run trained on")
     source = (record or {}).get("source") or run.config.get("model", {}).get("path")
     if base is not None:
         folder = Path(base).expanduser().resolve()

@@ -12,6 +12,7 @@ import torch
 
 from mistral_ft.errors import GenerateError
 from mistral_ft.model import MistralForCausalLM
+from mistral_ft.model.config import read_json_object
 from mistral_ft.model.hub import is_hub_id, local_model_folder
 from mistral_ft.runs import ADAPTER_CONFIG, read_adapter_config
 from mistral_ft.tokenizer import MistralTokenizer
@@ -46,8 +47,6 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_path: Path) -> No
     module it targets (LoRA A: (r, in_features), B: (out_features, r); saved modules: the parameter's shape).
     A base named differently but with the same shapes (a copy, a hub id vs. its local snapshot) is accepted.
     """
-    from safetensors import safe_open
-
     cfg = read_adapter_config(adapter)
     where = adapter / ADAPTER_CONFIG
     task = cfg.get("task_type")
@@ -74,41 +73,62 @@ def check_adapter(adapter: Path, model: torch.nn.Module, model_path: Path) -> No
         raise GenerateError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS} (mistral_ft loads safetensors adapters only)")
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    rank, ranks = cfg.get("r"), cfg.get("rank_pattern") or {}
+    targets = cfg.get("target_modules")
+    try:
+        shapes = _tensor_shapes(weights)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: whatever safetensors says, name the file
+        raise GenerateError(f"{weights}: not a readable safetensors file (truncated or corrupt: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        problem = None
+        if ".lora_A." in name or ".lora_B." in name:
+            path = name.split(".lora_")[0]
+            module = modules.get(path)
+            want_r = next((v for k, v in ranks.items() if path.endswith(k)), rank)
+            r_dim = shape[0] if ".lora_A." in name else shape[-1]
+            if isinstance(targets, list) and path.rsplit(".", 1)[-1] not in targets:
+                raise GenerateError(f"{weights}: tensor '{key}' adapts '{path.rsplit('.', 1)[-1]}', but "
+                                    f"{where} has target_modules={targets}: the config and the weights are "
+                                    "from different adapters")
+            if isinstance(want_r, int) and r_dim != want_r:
+                raise GenerateError(f"{weights}: tensor '{key}' has shape {shape} (rank {r_dim}), but {where} "
+                                    f"says r={want_r}: the config and the weights are from different adapters")
+            if module is None or not hasattr(module, "in_features"):
+                problem = f"targets module '{path}', which the base model does not have"
+            elif ".lora_A." in name and shape[1] != module.in_features:
+                problem = f"has shape {shape}, but '{path}' takes {module.in_features} input features"
+            elif ".lora_B." in name and shape[0] != module.out_features:
+                problem = f"has shape {shape}, but '{path}' has {module.out_features} output features"
+        else:
+            target = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+            if target in params and tuple(params[target].shape) != shape:
+                problem = f"has shape {shape}, but the base model's '{target}' is {tuple(params[target].shape)}"
+        if problem:
+            raise GenerateError(f"--adapter {adapter} does not fit --model {model_path}: tensor '{key}' "
+                                f"{problem}. Was it trained on another base (adapter_config.json says "
+                                f"{base!r})?")
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
     with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            name = key.removeprefix("base_model.model.")
-            problem = None
-            if ".lora_A." in name or ".lora_B." in name:
-                path = name.split(".lora_")[0]
-                module = modules.get(path)
-                if module is None or not hasattr(module, "in_features"):
-                    problem = f"targets module '{path}', which the base model does not have"
-                elif ".lora_A." in name and shape[1] != module.in_features:
-                    problem = f"has shape {shape}, but '{path}' takes {module.in_features} input features"
-                elif ".lora_B." in name and shape[0] != module.out_features:
-                    problem = f"has shape {shape}, but '{path}' has {module.out_features} output features"
-            else:
-                target = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
-                if target in params and tuple(params[target].shape) != shape:
-                    problem = f"has shape {shape}, but the base model's '{target}' is {tuple(params[target].shape)}"
-            if problem:
-                raise GenerateError(f"--adapter {adapter} does not fit --model {model_path}: tensor '{key}' "
-                                    f"{problem}. Was it trained on another base (adapter_config.json says "
-                                    f"{base!r})?")
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def load(model_path: str | Path, adapter: str | Path | None = None, dtype: str = "float32", attn: str = "sdpa",
          device: str | None = None) -> tuple[torch.nn.Module, Any, Path]:
     """(model ready for ``generate``, tokenizer, model folder); peft layers injected when ``adapter`` is given."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # generate's check_device ran before
     p = Path(str(model_path)).expanduser()
     if not p.exists() and not is_hub_id(model_path):
         raise GenerateError(f"--model {model_path}: no such folder")
     folder = local_model_folder(model_path)
     config_file = folder / "config.json"
     if config_file.is_file():
-        archs = json.loads(config_file.read_text()).get("architectures") or []
+        archs = read_json_object(config_file, GenerateError).get("architectures") or []
         if archs and archs[0] == "MistralForSequenceClassification":
             raise GenerateError(f"{config_file}: this is a sequence-classification model; it cannot generate text")
     model = MistralForCausalLM.from_pretrained(folder, torch_dtype=dtype, device=device, attn_implementation=attn)
@@ -118,7 +138,12 @@ def load(model_path: str | Path, adapter: str | Path | None = None, dtype: str =
 
         adapter = Path(adapter).expanduser()
         check_adapter(adapter, model, folder)
-        model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()  # LoRA layers are now inside
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()  # LoRA layers are now inside
+        except (ValueError, TypeError, RuntimeError, KeyError) as e:  # peft's checks of the config we handed over
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise GenerateError(f"--adapter {adapter}: peft cannot load it onto {folder} ({ADAPTER_CONFIG} or "
+                                f"{ADAPTER_WEIGHTS}): {first}") from None
         model.eval()
         if find_in_folder(adapter) is not None:
             tok_dir = adapter

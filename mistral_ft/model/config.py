@@ -86,12 +86,46 @@ _REFUSED_KEYS = {
 def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
     """Parse a JSON file that must hold an object; bad JSON raises ``error`` naming the file and line."""
     try:
-        d = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file") from None
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # json.loads would keep the later value silently
+                raise error(f"{path}: duplicate key {key!r} in one JSON object (which value is meant?)")
+            seen[key] = value
+        return seen
+
+    try:
+        d = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:  # json recurses per nesting level; a hostile or broken file can exceed the limit
+        raise error(f"{path}: line {_too_deep_line(text)}: invalid JSON (nested deeper than the parser's "
+                    "recursion limit)") from None
     if not isinstance(d, dict):
         raise error(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def _too_deep_line(text: str, limit: int = 500) -> int:
+    """The line where `text`'s bracket nesting first passes `limit` (strings skipped), for the error message."""
+    depth, line, in_str, esc = 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            esc, in_str = (not esc and ch == "\\"), in_str and (esc or ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return 1
 
 
 class MistralConfig:

@@ -387,6 +387,8 @@ def _check_trainer(trainer: Mapping[str, Any], errors: list[str], sources: Sourc
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not _type_ok(float, clip):
         errors.append(_msg("trainer.gradient_clip_val", f"expected a number or null, got {clip!r}", sources))
+    elif clip is not None and clip < 0:  # Lightning accepts it and then clips nothing
+        errors.append(_msg("trainer.gradient_clip_val", f"must be >= 0 (0 or null: no clipping), got {clip}", sources))
 
 
 def _check_data(data: Mapping[str, Any], errors: list[str], sources: Sources) -> None:

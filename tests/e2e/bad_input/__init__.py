@@ -1,0 +1,1 @@
+"""The bad-input corpus, one module per CLI (a package, so its conftest does not shadow tests/conftest.py)."""
