@@ -37,6 +37,9 @@ def run_cli(body: Callable[[], int], args: Sequence[str], what: str,
     (e.g. logging the traceback to the run's log file). Every CLI's `classify` uses `user_message`, so what
     counts as bad input is decided in one place.
     """
+    from mistral_ft.quiet import quiet_third_party
+
+    quiet_third_party()
     debug = debug_requested(args)
     try:
         return body()

@@ -26,6 +26,7 @@ KEYS = {
     "max_shard_size": "largest output shard, e.g. 2GB (default) or 500MB: bounds the merge's memory",
     "check": "true (default) | false: reload the merged model and compare logits",
     "tolerance": "self-check tolerance on max|logit diff| / max(1, max|logit|) (default by dtype)",
+    "gguf": "true: also write OUT/model.gguf for llama.cpp (needs the gguf extra; see docs/export.md)",
     "debug": "true: show tracebacks (also env MISTRAL_FT_DEBUG=1)",
 }
 
@@ -84,6 +85,10 @@ def parse_args(args: Sequence[str]) -> dict[str, Any]:
     if check not in ("true", "false", "1", "0"):
         raise ExportError(f"check={opts['check']}: expected true or false")
     out["check"] = check in ("true", "1")
+    gguf = opts.get("gguf", "false").lower()
+    if gguf not in ("true", "false", "1", "0"):
+        raise ExportError(f"gguf={opts['gguf']}: expected true or false")
+    out["gguf"] = gguf in ("true", "1")
     if "tolerance" in opts:
         try:
             out["tolerance"] = float(opts["tolerance"])

@@ -170,6 +170,30 @@ def record_base(run_dir: str | os.PathLike, model_path: str | os.PathLike, model
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def adapter_base_name(source: Any, folder: str | os.PathLike) -> str:
+    """An adapter's `base_model_name_or_path`: the hub id when the run's base came from the hub (any machine
+    resolves it, llama.cpp's LoRA converter and peft included), else the absolute local folder it was read
+    from, which `base_model.json` beside the adapter fingerprints so a copy elsewhere can be checked."""
+    if isinstance(source, str) and is_hub_id(source) and not Path(source).expanduser().exists():
+        return source
+    return str(Path(folder).expanduser().resolve())
+
+
+LOGGER_RECORD = "loggers.json"
+
+
+def read_logger_ids(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """`<run>/loggers.json`: what a resume continues (the CSV / TensorBoard `version`, the W&B run `wandb_id`)."""
+    path = Path(run_dir) / LOGGER_RECORD
+    return read_json_object(path, ConfigError) if path.is_file() else {}
+
+
+def write_logger_ids(run_dir: str | os.PathLike, ids: Mapping[str, Any]) -> None:
+    from mistral_ft.fs import atomic_write_bytes
+
+    atomic_write_bytes(Path(run_dir) / LOGGER_RECORD, (json.dumps(dict(ids), indent=2, sort_keys=True) + "\n").encode())
+
+
 def check_base(record: Mapping[str, Any], folder: Path, where: Path) -> None:
     """Raise ExportError when `folder`'s weights are not the ones `record` (from `where`) describes."""
     want = record.get("fingerprint") or {}
@@ -279,7 +303,7 @@ def resolve_run(run: Path) -> tuple[Path, Path | None]:
         if config is not None:
             path = (config.get("model") or {}).get("path")
             if path:
-                return Path(str(path)).expanduser(), adapter
+                return Path(model_folder({"path": path})), adapter
             return tiny_model_path(), adapter
         raise GenerateError(f"--run {run}: the adapter's base {base!r} is not a local folder and the run has no "
                             f"config.yaml; pass the base with --model")

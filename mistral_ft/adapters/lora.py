@@ -16,8 +16,11 @@ Facts this relies on (checked with peft 0.21):
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 
@@ -121,3 +124,42 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+LABELS_FILE = "labels.json"
+
+
+def describe_adapter(folder: str | os.PathLike, base_name: str, base_record: Optional[Mapping[str, Any]] = None,
+                     labels: Optional[Mapping[str, Any]] = None) -> None:
+    """What a client needs beside a saved adapter, so the folder loads on its own (docs/export.md):
+
+    - `adapter_config.json`'s `base_model_name_or_path` = `base_name` (runs.adapter_base_name: the hub id, or
+      the local base folder), not whatever `name_or_path` the in-memory model had (a machine-local cache path);
+    - `base_model.json`: the base's fingerprint (runs.record_base), to check a copy of a local base elsewhere;
+    - `labels.json` for a sequence classifier: `num_labels`, `id2label`, `label2id`, `problem_type`, the
+      model-config keys peft's `AutoPeftModelForSequenceClassification` must pass on to transformers to build a
+      head of the trained size (the base's config.json has none, and a default 2-label head cannot take a
+      3-label `score`): `from_pretrained(folder, **labels)` with `labels = json.load(...)` and its `id2label`
+      keys made ints again (JSON keys are strings; transformers converts them only when it reads a config.json).
+    """
+    folder = Path(folder)
+    cfg_file = folder / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_name
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if base_record is not None:
+        (folder / "base_model.json").write_text(json.dumps(dict(base_record), indent=2) + "\n", encoding="utf-8")
+    if labels:
+        out = dict(labels)
+        if "id2label" in out:
+            out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+        (folder / LABELS_FILE).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def head_labels(config: Any) -> dict[str, Any]:
+    """The classification-head keys of a model config (what `labels.json` holds)."""
+    out: dict[str, Any] = {"num_labels": int(config.num_labels), "problem_type": config.problem_type}
+    if int(config.num_labels) > 1:
+        out.update(id2label={int(k): str(v) for k, v in config.id2label.items()},
+                   label2id={str(k): int(v) for k, v in config.label2id.items()})
+    return out

@@ -137,9 +137,14 @@ def merge_shards(base: Path, out: Path, *, lora: Mapping[str, Mapping[str, torch
             pending.clear()
             sizes["pending"] = 0
 
-    for shard in shard_map(base):
+    from tqdm import tqdm
+
+    shards = shard_map(base)
+    bar = tqdm(total=sum(len(v) for v in shards.values()), desc="merge", unit="tensor", disable=None)  # disable=None: no bar when not a terminal
+    for shard in shards:
         with safe_open(str(base / shard), framework="pt", device="cpu") as f:
             for key in f.keys():
+                bar.update(1)
                 if drop(key):
                     continue
                 t = f.get_tensor(key)
@@ -154,6 +159,7 @@ def merge_shards(base: Path, out: Path, *, lora: Mapping[str, Mapping[str, torch
                     used.add(key)
                 add(key, t)
                 del t
+    bar.close()
     for key in sorted(set(whole) - used):  # tensors the base lacks (a new classification head)
         add(key, whole[key])
         used.add(key)

@@ -5,8 +5,10 @@
                    tokenizer.model + tokenizer_config.json (pad token, chat template). transformers'
                    AutoModelForCausalLM / AutoModelForSequenceClassification / AutoTokenizer load it.
     OUT/adapter/   (peft runs) adapter_config.json + adapter_model.safetensors (classification head
-                   included), `base_model_name_or_path` = the base it trained on (hub id or local folder):
+                   included), `base_model_name_or_path` = the base it trained on (hub id or local folder),
+                   base_model.json (that base's fingerprint), labels.json (classification: the head's labels):
                    `peft.PeftModel.from_pretrained(transformers_model, OUT/adapter)` loads it.
+    OUT/model.gguf (gguf=true) the merged model for llama.cpp (mistral_ft.checkpoints.gguf).
 
 Why a separate command instead of merging at the end of training: the merge reads the original
 full-precision base shard by shard (mistral_ft.merge), which QLoRA needs (its training copy is NF4) and
@@ -35,15 +37,16 @@ from typing import Any, Optional
 
 import torch
 
+from mistral_ft.adapters.lora import describe_adapter, head_labels
 from mistral_ft.adapters.lora import lora_config as build_lora_config
 from mistral_ft.adapters.merge import lora_scaling, merge_shards, split_adapter
 from mistral_ft.distributed.checkpoint import read_sharded_checkpoint
 from mistral_ft.errors import ExportError
 from mistral_ft.model import MistralConfig, MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.config import read_json_object
-from mistral_ft.model.hub import is_hub_id
 from mistral_ft.model.weights import save_state_dict
-from mistral_ft.runs import BASE_RECORD, CheckpointReadError, RunFolder, check_base, model_folder, read_checkpoint
+from mistral_ft.runs import (BASE_RECORD, CheckpointReadError, RunFolder, adapter_base_name, check_base, fingerprint,
+                             model_folder, read_checkpoint)
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.tokenizer.files import find_in_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,14 +167,15 @@ def resolve_base(run: Run, base: Optional[str]) -> tuple[Path, str]:
         folder = Path(model_folder(run.config.get("model", {})))
     if record is not None:
         check_base(record, folder, record_file)
-    hub_id = isinstance(source, str) and is_hub_id(source) and not Path(source).expanduser().exists()
-    return folder, (source if hub_id else str(folder))
+    return folder, adapter_base_name(source, folder)
 
 
 # ---- export ---------------------------------------------------------------------------------------
 def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Optional[str] = None, dtype: str = "auto",
-           check: bool = True, tolerance: Optional[float] = None, max_shard_size: int = 2 * 10**9) -> dict[str, Any]:
-    """Write OUT/merged (+ OUT/adapter for peft runs) from a run folder or checkpoint; returns a report."""
+           check: bool = True, tolerance: Optional[float] = None, max_shard_size: int = 2 * 10**9,
+           gguf: bool = False) -> dict[str, Any]:
+    """Write OUT/merged (+ OUT/adapter for peft runs, + OUT/model.gguf with `gguf`) from a run folder or
+    checkpoint; returns a report."""
     t0 = time.perf_counter()
     if tolerance is not None and not (math.isfinite(float(tolerance)) and float(tolerance) > 0):
         raise ExportError(f"tolerance={tolerance}: must be a finite number > 0 (a NaN would turn the self-check off)")
@@ -182,6 +186,13 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
         raise ExportError(f"output_dir={output_dir} already exists and is not empty; nothing was written "
                           "(choose a new folder, or remove it yourself)")
     run = Run(run_dir)
+    if gguf:
+        from mistral_ft.checkpoints.gguf import _gguf
+
+        _gguf()  # the optional package, before any work
+        if run.task != "causal_lm":
+            raise ExportError(f"gguf=true: {run.dir} trained a {run.task} model; GGUF export is for causal LMs "
+                              "(llama.cpp's llama architecture has no classification head)")
     peft = run.method != "none"
     if peft:
         base_folder, base_name = resolve_base(run, base)
@@ -208,6 +219,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
             info = merge_shards(base_folder, merged, lora=lora, scaling=lora_scaling(adapter_cfg), whole=whole,
                                 dtype=out_dtype, drop=drop, max_shard_size=max_shard_size)
             _write_adapter(tmp / "adapter", adapter_state, adapter_cfg)
+            describe_adapter(tmp / "adapter", base_name, _base_record(run, base_folder),
+                             head_labels(config) if run.task == "classification" else None)
         elif run.state is None:
             info = merge_shards(run.dir / "model", merged, lora={}, scaling=1.0, whole={}, dtype=out_dtype,
                                 max_shard_size=max_shard_size)
@@ -231,6 +244,11 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
             if diff / scale > tol:
                 raise ExportError(f"self-check failed: the merged model's logits differ from base + adapter by {diff:.3g} "
                                   f"(relative {diff / scale:.3g} > tolerance {tol:g}); nothing was written")
+        if gguf:
+            from mistral_ft.checkpoints.gguf import GGUF_NAME, write_gguf
+
+            report.update(write_gguf(merged, tmp / GGUF_NAME, config, out_dtype, out.name))
+            report["gguf"] = str(out / GGUF_NAME)
         _share(tmp)
         try:
             if out.exists():
@@ -243,7 +261,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base: Opti
         shutil.rmtree(tmp, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     print(f"exported {report['source']} -> {out}\n  merged:  {report['merged']} ({arch}, {report['dtype']}, "
-          f"{len(report['files'])} shard(s))" + (f"\n  adapter: {report['adapter']} (base {base_name})" if peft else ""))
+          f"{len(report['files'])} shard(s))" + (f"\n  adapter: {report['adapter']} (base {base_name})" if peft else "")
+          + (f"\n  gguf:    {report['gguf']}" if gguf else ""))
     return report
 
 
@@ -253,6 +272,15 @@ def _share(tmp: Path) -> None:
     os.umask(umask)
     for p in [tmp, *tmp.rglob("*")]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _base_record(run: Run, folder: Path) -> dict[str, Any]:
+    """base_model.json for OUT/adapter: the base merged into (checked against the run's record, when it has one)."""
+    record_file = run.dir / BASE_RECORD
+    source = run.config.get("model", {}).get("path")
+    if record_file.is_file():
+        source = json.loads(record_file.read_text()).get("source") or source
+    return {"path": str(folder), "source": source, "fingerprint": fingerprint(folder)}
 
 
 def _base_for_config(run: Run, base: Optional[str]) -> tuple[Path]:

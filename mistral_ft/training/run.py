@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ft.adapters.lora import apply_peft, trainable_parameter_count
+from mistral_ft.adapters.lora import apply_peft, describe_adapter, head_labels, trainable_parameter_count
 from mistral_ft.data import MistralDataModule
 from mistral_ft.distributed.fsdp import gather_trainable, is_sharded
 from mistral_ft.distributed.rank_local import meta_model, rank_local_load_applies
@@ -24,11 +24,12 @@ from mistral_ft.errors import ConfigError, TrainingStopped
 
 from mistral_ft.model import MistralForCausalLM, MistralForSequenceClassification
 from mistral_ft.model.attention import resolve_attn_implementation
-from mistral_ft.runs import TASK_MODEL, model_folder, record_base, resolve_resume
+from mistral_ft.runs import BASE_RECORD, TASK_MODEL, adapter_base_name, model_folder, record_base, resolve_resume
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import config_dir, to_plain
 from mistral_ft.training.memory import log_memory_plan
-from mistral_ft.training.registry import HEADS, build, build_callbacks, resolve_precision
+from mistral_ft.training.progress import progress_bar
+from mistral_ft.training.registry import HEADS, build, build_callbacks, continue_history_callback, resolve_precision
 from mistral_ft.lock import FolderLock
 from mistral_ft.masking import mask_log_handlers
 from mistral_ft.training.reliability import AtomicCheckpointIO, oom_advice, RngStates
@@ -116,7 +117,7 @@ def _run_training(c: dict[str, Any], run_dir: Path, overrides: Sequence[str],
     module.generation_eval = generation_eval
 
     trainer = build_trainer(c, run_dir, precision)  # before any file: Lightning's own checks may refuse
-    if rank == 0:  # the run folder's descriptive files, written only now that data, model and trainer are built
+    if rank == 0 and not trainer.fast_dev_run:  # the run folder's files, now that data, model and trainer are built
         write_run_files(run_dir, c, model_path, overrides, resumed=bool(resume_ckpt))
     if trainer.world_size > 1:  # which launcher Lightning found: the line to read when a multi-node job hangs
         env = getattr(trainer.strategy, "cluster_environment", None)
@@ -148,8 +149,11 @@ def _fit_and_report(trainer: Any, module: Any, datamodule: Any, c: Mapping[str, 
     # Decide from trainer state, not from the file system: every rank must take the same branch,
     # because save_checkpoint ends in a barrier (rank 0 may already have written the file).
     # ModelCheckpoint wrote step-N.ckpt itself when N is a multiple of every_n_train_steps.
+    if trainer.fast_dev_run:  # Lightning's smoke test: it writes no checkpoints or logs, and neither do we
+        log.info("fast_dev_run: nothing written (no checkpoint, adapter, summary or logs)")
+        return {}
     if trainer.global_step % int(c["checkpoint"]["every_n_train_steps"]) != 0 or not trainer.global_step:
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final, weights_only=False)  # the full state: resume needs it
     # a final validation unless the last one was at the final step
     if datamodule.val_dataset is not None and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -207,11 +211,20 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
     plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import ProgressBar
 
+    user_callbacks = build_callbacks(c.get("callbacks"))
+    own_bar = [] if not trainer_args.get("enable_progress_bar", True) or any(
+        isinstance(cb, ProgressBar) for cb in user_callbacks) else [progress_bar()]  # a user's own bar wins
+    # a resume continues the loggers' history (registry.continue_history_callback); a user's _target_ gets its keys
+    logger_settings = c["logger"] if c["logger"].get("_target_") else {
+        **c["logger"], "continue_history": bool(c.get("resume"))}
     try:  # Lightning validates accelerator / precision / devices itself: its ValueError names the value
         return L.Trainer(**trainer_args, strategy=build("strategy", c["strategy"], run_dir),
-                         logger=build("logger", c["logger"], run_dir),
-                         callbacks=[RngStates(), StepClock.make(), checkpoint, *build_callbacks(c.get("callbacks"))],
+                         logger=build("logger", logger_settings, run_dir),
+                         # fast_dev_run: Lightning skips step checkpoints but still writes last.ckpt; no checkpoint at all
+                         callbacks=[RngStates(), StepClock.make(), *([] if trainer_args.get("fast_dev_run") else [checkpoint]),
+                                    continue_history_callback(run_dir), *user_callbacks, *own_bar],
                          plugins=plugins,
                          default_root_dir=str(run_dir))
     except (ValueError, MisconfigurationException) as err:
@@ -271,6 +284,10 @@ def export_weights(model: Any, run_dir: Path, c: Mapping[str, Any], tokenizer: A
     else:
         # LoRA on lm_head would otherwise make peft copy the whole (frozen) output layer into the adapter
         model.save_pretrained(str(folder), save_embedding_layers=False, **extra)
+        record = json.loads((run_dir / BASE_RECORD).read_text())
+        config = model.get_base_model().config
+        describe_adapter(folder, adapter_base_name(record.get("source"), record["path"]), record,
+                         head_labels(config) if TASK_MODEL[c["task"]] == "classification" else None)
     tokenizer.save_pretrained(str(folder))
     return str(folder)
 

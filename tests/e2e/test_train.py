@@ -118,7 +118,8 @@ def test_classify_reports_per_class_metrics_and_confusion_png(classify_run):
 def test_checkpoint_holds_no_frozen_base_weights(instruct_run):
     ckpt = _load(instruct_run / "checkpoints" / "last.ckpt")
     keys = list(ckpt["state_dict"])
-    assert keys and all("lora_A" in k or "lora_B" in k for k in keys), keys[:5]
+    # LoRA matrices, and the tiny recipe's lm_head, trained in full (modules_to_save)
+    assert keys and all("lora_A" in k or "lora_B" in k or "lm_head.modules_to_save." in k for k in keys), keys[:5]
     assert not any(k.endswith(("base_layer.weight", "embed_tokens.weight", "norm.weight")) for k in keys)
     n_saved = sum(v.numel() for v in ckpt["state_dict"].values())
     assert n_saved == _summary(instruct_run)["trainable_params"]
@@ -158,7 +159,12 @@ def test_resume_continues_step_count_and_data_position(instruct_run, tmp_path):
     after = _load(run / "checkpoints" / "last.ckpt")
     assert _data_position(after)["samples"] == (INSTRUCT_STEPS + 4) * 8
     assert s["tokens_seen"] > _summary(instruct_run)["tokens_seen"]
-    assert (run / "logs" / "version_1" / "metrics.csv").is_file()  # the resumed segment logs separately
+    # one history (issue 17): the resumed segment appends to logs/version_0, steps continuing
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
+    rows = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("train_loss")]]
+    assert steps == list(range(INSTRUCT_STEPS + 4))
 
 
 def test_resume_keeps_head_and_label_mapping(classify_run, tmp_path, capsys):
