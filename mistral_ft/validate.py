@@ -130,9 +130,12 @@ def _main(args: list[str]) -> int:
 
     import datasets
 
+    # quiet for the check only (restored after: main() may run in-process, before a training): no bars,
+    # and no "skipped N rows" warnings, since this report lists the rows themselves
+    bars, data_log = datasets.is_progress_bar_enabled(), logging.getLogger("mistral_ft.data.dataset")
+    level = data_log.level
     datasets.disable_progress_bars()
-    # the pipeline's "skipped N rows" warnings: this report lists the rows themselves
-    logging.getLogger("mistral_ft.data.dataset").setLevel(logging.ERROR)
+    data_log.setLevel(logging.ERROR)
     # pairs: examples are pairs, a length is the longer row (prompt + answer) of a pair
     build = build_pair_datasets if data_cfg.get("format") == "preference" else build_datasets
     info = None
@@ -141,6 +144,10 @@ def _main(args: list[str]) -> int:
             _, _, info = build(dict(data_cfg, pack=False), tokenizer)
         except DataError as err:  # a file-level problem (missing, empty, no valid rows): nothing more to learn
             rows.append(str(err))
+        finally:
+            data_log.setLevel(level)
+            if bars:
+                datasets.enable_progress_bars()
     problems += rows
     lengths: list[int] = []
     if info is not None:  # raw lengths: the same rows without truncation (bad rows skipped, already reported)
