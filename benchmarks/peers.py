@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PEERS = {"torchtune": ["torchtune", "torchao"], "litgpt": ["litgpt"]}  # peer -> what pip installs
+# peer -> what pip installs. torchtune 0.6.1 (its last release) imports torchao.dtypes.nf4tensor, which torchao
+# 0.11+ moved: with the newest torchao `import torchtune` fails, so torchao is pinned to 0.10.0 (works on torch 2.13).
+PEERS = {"torchtune": ["torchtune==0.6.1", "torchao==0.10.0"], "litgpt": ["litgpt"]}
 
 
 def venv_python(root: Path, peer: str) -> Path:
@@ -57,7 +59,10 @@ def setup(root: Path, peers: list[str], dry_run: bool = False, log=print) -> dic
                 log(f"{peer}: {result[peer]}")
                 break
         if not dry_run and result[peer] == "ok":
-            proc = subprocess.run([str(venv_python(root, peer)), "-c", "import torch; print(torch.__version__)"],
-                                  capture_output=True, text=True)
-            log(f"{peer}: installed, torch {proc.stdout.strip()}")
+            check = (f"import importlib.metadata as m, torch, {peer}; "  # installed is not enough: it must import
+                     f"print('torch', torch.__version__, '{peer}', m.version('{peer}'))")
+            proc = subprocess.run([str(venv_python(root, peer)), "-c", check], capture_output=True, text=True)
+            if proc.returncode != 0:
+                result[peer] = f"installed, but `import {peer}` fails: " + proc.stderr.strip().splitlines()[-1]
+            log(f"{peer}: {result[peer]} ({proc.stdout.strip()})")
     return result
