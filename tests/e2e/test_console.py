@@ -1,5 +1,6 @@
-"""One history per run and a quiet console: resume continues the CSV version and the W&B run; a clean
-tiny run prints none of the third-party notices that cannot be acted on; fast_dev_run writes nothing."""
+"""One history per run and a quiet console: resume continues the CSV and TensorBoard version and the W&B
+run; a clean tiny run prints none of the third-party notices that cannot be acted on; fast_dev_run writes
+nothing."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_resume_continues_one_csv_history(tmp_path):
 
 
 def _tensorboard_steps(version: Path, tag: str = "train_loss") -> list[int]:
-    """The steps of `tag` as TensorBoard shows them: its own reader, which honours a resume's purge_step."""
+    """The steps of `tag` as TensorBoard shows them: its own reader, which drops what a resume's session START purges."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
