@@ -2,9 +2,9 @@
 
 The command line only: a Hydra app over its own primary config (mistral_ft/commands_conf/export.yaml:
 the settings, their defaults and the --help text; Hydra's flags as train's), the names of docs/cli.md
-(`run_dir=` still works, with a note), the checks of each value and the exit-status policy (mistral_ft.cli). What is written
-and why (merged/ + adapter/, shard by shard, self-checked, published atomically) is in
-mistral_ft.checkpoints.export.
+(`run_dir=` still works, with a note), the checks of each value and the exit-status policy
+(mistral_ft.cli). What is written and why (merged/ + adapter/, shard by shard, self-checked, published
+atomically) is in mistral_ft.checkpoints.export.
 """
 
 from __future__ import annotations
