@@ -7,6 +7,9 @@
 Mistral folder with an optional `adapter=`; `data=` a JSONL/CSV/parquet file of chats (`data.format=messages`
 or `alpaca`). Writes evaluate_summary.json and eval_samples.jsonl to `output_dir=` (default: <run>/evaluate,
 or ./evaluate; the old `out=` still works, with a note). The metric definitions are mistral_ft.training.evaluation's, the same as during training.
+
+A Hydra app over its own primary config (mistral_ft/commands_conf/evaluate.yaml, where `data=FILE` is
+`data.file`): Hydra's flags (`--help`, `--cfg job`, `--info`, ...) and override grammar, as train's.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mistral_ft.cli import renamed, run_cli, user_message
 from mistral_ft.errors import ConfigError
@@ -25,14 +28,15 @@ KEYS = ("run", "model", "adapter", "data", "data.format", "data.max_length", "ou
         "eval.max_new_tokens", "eval.batch_size", "debug")
 
 
-def parse(argv: Sequence[str]) -> dict[str, str]:
-    """`key=value` overrides, as `train` takes them; an unknown key or a missing `=` is a user error."""
+def parse(settings: dict[str, Any]) -> dict[str, str]:
+    """The composed settings (flat keys, unset ones left out) under the names of KEYS; a key added with
+    `+key=` that evaluate does not know is a user error."""
     out: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(f"evaluate: {arg!r} is not one of the key=value settings {list(KEYS)}")
-        out[key] = value
+    for key, value in settings.items():
+        key = "data" if key == "data.file" else key
+        if key not in KEYS:
+            raise ConfigError(f"evaluate: {key!r} is not one of the key=value settings {list(KEYS)}")
+        out[key] = str(value)
     return out
 
 
@@ -40,7 +44,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = renamed(list(sys.argv[1:] if argv is None else argv), {"out=": "output_dir="}, "evaluate")
 
     def body() -> int:
-        kv = parse(args)
+        from mistral_ft.training.hydra_app import command_settings
+
+        printed, settings = command_settings([f"data.file={a[5:]}" if a.startswith("data=") else a for a in args],
+                                             __file__, "evaluate")
+        if printed is not None:
+            return printed
+        kv = parse(settings)
         if "data" not in kv:
             raise ConfigError("evaluate: data=FILE is required (chats with reference answers)")
         if ("run" in kv) == ("model" in kv):

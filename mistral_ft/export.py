@@ -1,14 +1,14 @@
 """`python -m mistral_ft.export run=RUN|CKPT output_dir=OUT [key=value ...]` — a training run to Hugging Face folders.
 
-The command line only: key=value parsing (the names of docs/cli.md; `run_dir=` still works, with a
-note) and the exit-status policy (mistral_ft.cli). What is written
-and why (merged/ + adapter/, shard by shard, self-checked, published atomically) is in
-mistral_ft.checkpoints.export.
+The command line only: a Hydra app over its own primary config (mistral_ft/commands_conf/export.yaml:
+the settings, their defaults and the --help text; Hydra's flags as train's), the names of docs/cli.md
+(`run_dir=` still works, with a note), the checks of each value and the exit-status policy
+(mistral_ft.cli). What is written and why (merged/ + adapter/, shard by shard, self-checked, published
+atomically) is in mistral_ft.checkpoints.export.
 """
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -18,32 +18,21 @@ from mistral_ft.cli import DEBUG_ENV, renamed, run_cli, user_message
 from mistral_ft.errors import CheckpointError, ConfigError, ExportError
 from mistral_ft.model.weights import parse_size
 
-KEYS = {
-    "run": "a training run folder (uses adapter/ or model/) or one of its checkpoints (*.ckpt)",
-    "output_dir": "the folder to create (must not exist, or be empty)",
-    "base": "the base weights, when they moved since training (checked against the run's fingerprint)",
-    "dtype": "auto (the base's dtype) | float32 | bfloat16 | float16",
-    "max_shard_size": "largest output shard, e.g. 2GB (default) or 500MB: bounds the merge's memory",
-    "check": "true (default) | false: reload the merged model and compare logits",
-    "tolerance": "self-check tolerance on max|logit diff| / max(1, max|logit|) (default by dtype)",
-    "gguf": "true: also write OUT/model.gguf for llama.cpp (needs the gguf extra; see docs/export.md)",
-    "debug": "true: show tracebacks (also env MISTRAL_FT_DEBUG=1)",
-}
-
-
-USAGE = "usage: python -m mistral_ft.export run=RUN_OR_CKPT output_dir=FOLDER [key=value ...]\n" + "\n".join(
-    f"  {k:<15} {v}" for k, v in KEYS.items())
+# the settings of commands_conf/export.yaml (what each means: its --help header)
+KEYS = ("run", "output_dir", "base", "dtype", "max_shard_size", "check", "tolerance", "gguf", "debug")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; 0 done, 2 bad input (one paragraph on stderr, no traceback unless debug), 1 a bug."""
     args = renamed(list(sys.argv[1:] if argv is None else argv), {"run_dir=": "run="}, "export")
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
 
     def body() -> int:
-        export(**parse_args(args))
+        from mistral_ft.training.hydra_app import command_settings
+
+        printed, settings = command_settings(args, __file__, "export")
+        if printed is not None:
+            return printed
+        export(**parse_args(settings))
         return 0
 
     def classify(err: Exception) -> Optional[tuple[str, int]]:
@@ -54,21 +43,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    failure_hint=f"\n(set debug=true or {DEBUG_ENV}=1 for the full traceback)")
 
 
-def parse_args(args: Sequence[str]) -> dict[str, Any]:
-    """key=value arguments -> keyword arguments of `export` (unknown keys name the valid ones)."""
-    opts: dict[str, Any] = {}
-    for a in args:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise ExportError(f"expected key=value, got {a!r}\n{USAGE}")
-        if key not in KEYS:
-            close = difflib.get_close_matches(key, list(KEYS), n=1)
-            raise ExportError(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
-                              f"; valid keys: {', '.join(KEYS)}")
-        opts[key] = value
+def parse_args(settings: dict[str, Any]) -> dict[str, Any]:
+    """The composed settings -> keyword arguments of `export` (a key added with `+key=` is refused)."""
+    unknown = sorted(set(settings) - set(KEYS))
+    if unknown:
+        raise ExportError(f"unknown key {unknown[0]!r}; valid keys: {', '.join(KEYS)}")
+    opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}
     for key in ("run", "output_dir"):
         if not opts.get(key):
-            raise ExportError(f"{key}=... is required\n{USAGE}")
+            raise ExportError(f"{key}=... is required (python -m mistral_ft.export --help lists the settings)")
     out: dict[str, Any] = {"run_dir": opts["run"], "output_dir": opts["output_dir"], "base": opts.get("base") or None}
     dtype = opts.get("dtype", "auto")
     if dtype != "auto" and dtype not in DTYPES:

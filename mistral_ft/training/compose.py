@@ -217,7 +217,8 @@ def _hydra_text(err: BaseException) -> str:
     return text.replace("\n\n", "\n")
 
 
-def _explain_composition_error(hydra: Any, overrides: list[str], err: BaseException) -> str:
+def _explain_composition_error(hydra: Any, overrides: list[str], err: BaseException,
+                               config_name: str = CONFIG_NAME) -> str:
     """Hydra says "Could not override 'optimizer.lrr'"; we add the valid keys and the likely one."""
     import difflib
 
@@ -231,7 +232,7 @@ def _explain_composition_error(hydra: Any, overrides: list[str], err: BaseExcept
             parent, _, leaf = key.rpartition(".")
             rest = [o for o in overrides if o != ov]
             try:
-                base = hydra.compose_config(CONFIG_NAME, rest, run_mode=RunMode.RUN, with_log_configuration=False)
+                base = hydra.compose_config(config_name, rest, run_mode=RunMode.RUN, with_log_configuration=False)
                 node = OmegaConf.select(base, parent) if parent else base
             except Exception:  # noqa: BLE001 - the plain message is still useful
                 node = None

@@ -11,6 +11,9 @@ What that keeps from Hydra, as its documentation describes it: `--help`, `--hydr
 `--shell-completion`, `-cp/-cn/-cd`, `-m/--multirun` (or `hydra.mode=MULTIRUN`) with whichever
 sweeper and launcher plugin the config selects, and the override grammar (`key=v`, `+key=v`,
 `++key=v`, `~key`). Ours on top: `recipe=PATH.yaml` (a recipe file of the user's own, anywhere).
+
+evaluate and export are Hydra apps too, over a primary config of their own with no groups
+(mistral_ft/commands_conf/<command>.yaml): `command_settings` gives them the same flags.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ from typing import Any, Optional
 
 from mistral_ft.errors import ConfigError
 from mistral_ft.training.compose import (
-    CONFIG_NAME, RecipeFiles, compose_validated, make_hydra, own_group_values, resume_overrides,
+    CONFIG_NAME, RecipeFiles, _explain_composition_error, compose_validated, make_hydra,
+    own_group_values, resume_overrides, to_plain,
 )
 
 # The flags that print something and exit; Hydra runs the job only without any of them.
 PRINT_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
 # --help composes the config to show it; without a recipe= it shows this one.
 HELP_RECIPE = "instruct_lora"
+# The primary configs of evaluate and export, relative to mistral_ft/ (as `@hydra.main(config_path=...)`).
+COMMANDS_CONFIG_PATH = "commands_conf"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -55,9 +61,7 @@ def print_flags(ns: argparse.Namespace, calling_file: str, task_name: str) -> Op
     """The exit status of a print-and-exit flag (--help, --cfg, --info, ...), or None when none is given.
 
     `--cfg` validates first, so a typo is the same one paragraph as for a run."""
-    if ns.resolve and ns.cfg is None and not ns.help:
-        raise ConfigError("--resolve can only be used with --cfg or --help (as in Hydra)")
-    if not any(getattr(ns, flag) not in (None, False) for flag in PRINT_FLAGS):
+    if not _printing(ns):
         return None
     recipes = RecipeFiles()
     try:
@@ -73,8 +77,57 @@ def print_flags(ns: argparse.Namespace, calling_file: str, task_name: str) -> Op
         recipes.close()
 
 
-def show(hydra: Any, args: argparse.Namespace, config_name: str, overrides: list[str]) -> int:
-    """The print-and-exit flags, through the very `Hydra` methods `@hydra.main` calls for them."""
+def _printing(ns: argparse.Namespace) -> bool:
+    if ns.resolve and ns.cfg is None and not ns.help:
+        raise ConfigError("--resolve can only be used with --cfg or --help (as in Hydra)")
+    return any(getattr(ns, flag) not in (None, False) for flag in PRINT_FLAGS)
+
+
+def command_settings(argv: Sequence[str], calling_file: str, command: str) -> tuple[Optional[int], dict[str, Any]]:
+    """Hydra's flags for a command that runs once over settings of its own (evaluate, export).
+
+    Its primary config is `commands_conf/<command>.yaml`: every setting declared with its default
+    (`???`: required, null: unset), so `--cfg job` prints what the command will use and a typo is Hydra's
+    "Could not override" with the valid keys. Returns (the exit status of a print-and-exit flag, {}) or
+    (None, the composed settings as flat `a.b` keys, the unset ones left out). `-m` is refused: one run.
+    """
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+
+    ns = parse_args(argv)
+    if ns.multirun:
+        raise ConfigError(f"{command} runs once: -m/--multirun sweeps are train's (run {command} once per value)")
+    ns.config_path = ns.config_path or COMMANDS_CONFIG_PATH
+    config_name = ns.config_name or command
+    hydra = make_hydra(ns, calling_file, command, RecipeFiles())
+    overrides = list(ns.overrides)
+    printing = _printing(ns)
+    if printing and ns.cfg is None:
+        return show(hydra, ns, config_name, overrides, help_recipe=None), {}
+    try:  # --cfg composes first too, so a typo is the same one paragraph as for a run
+        cfg = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+    except HydraException as err:
+        raise ConfigError(f"{command}: {_explain_composition_error(hydra, overrides, err, config_name)}") from None
+    if printing:
+        return show(hydra, ns, config_name, overrides, help_recipe=None), {}
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif value is not None:
+                flat[f"{prefix}{key}"] = value
+
+    walk(to_plain(cfg), "")
+    return None, flat
+
+
+def show(hydra: Any, args: argparse.Namespace, config_name: str, overrides: list[str],
+         help_recipe: Optional[str] = HELP_RECIPE) -> int:
+    """The print-and-exit flags, through the very `Hydra` methods `@hydra.main` calls for them.
+
+    `help_recipe`: the recipe --help composes when none is given (None: the config needs none)."""
     from hydra._internal.utils import get_args_parser
 
     import logging
@@ -85,7 +138,8 @@ def show(hydra: Any, args: argparse.Namespace, config_name: str, overrides: list
     try:
         if args.help or args.hydra_help:
             # --help shows the composed config, which needs a recipe; --hydra-help composes Hydra's node alone
-            args.overrides = overrides if has_recipe or args.hydra_help else [*overrides, f"recipe={HELP_RECIPE}"]
+            args.overrides = overrides if has_recipe or args.hydra_help or help_recipe is None else \
+                [*overrides, f"recipe={help_recipe}"]
             method = hydra.app_help if args.help else hydra.hydra_help
             method(config_name=config_name, args_parser=get_args_parser(), args=args)
             return 0

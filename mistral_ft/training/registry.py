@@ -97,6 +97,16 @@ def _wandb_logger(lc: Mapping[str, Any], run_dir: Path) -> Any:
                        **({"id": run_id, "resume": "allow"} if run_id else {}))
 
 
+def _purge_tensorboard(writer: Any, step: int) -> None:
+    """What `SummaryWriter(purge_step=N)` writes first: a session START at step N, after which TensorBoard's
+    reader drops the events >= N of the earlier files. Written into the open writer, because Lightning
+    opens it in its setup hook, before the restore that tells us N (a purge_step set then is never read)."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
+
+
 def continue_history_callback(run_dir: Path) -> Any:
     """Records the loggers' ids at the start of a fit (rank 0), and on resume from step N drops what the
     interrupted session logged past N (train rows with step >= N, validation rows with step > N) from the
@@ -108,8 +118,8 @@ def continue_history_callback(run_dir: Path) -> Any:
         def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
             step = int(checkpoint.get("global_step", 0))
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
-                    logger._kwargs["purge_step"] = step  # SummaryWriter(purge_step=N): hides events >= N
+                if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                    _purge_tensorboard(logger.experiment, step)
                 if isinstance(logger, CSVLogger) and trainer.is_global_zero:
                     _truncate_csv(Path(logger.log_dir) / "metrics.csv", step)
 

@@ -94,3 +94,49 @@ def test_validate_takes_hydra_flags(capsys):
     assert out.startswith("# @package optimizer") and yaml.safe_load(out)["name"] == "adamw"
     assert validate(["--help"]) == 0
     assert "python -m mistral_ft.validate recipe=NAME" in capsys.readouterr().out
+
+
+def test_evaluate_and_export_are_hydra_apps(tmp_path, capsys):
+    """Hydra's flags over their own primary configs (mistral_ft/commands_conf): `--cfg job` prints exactly
+    the settings the command then runs with; flags that mean nothing for one run are refused."""
+    from mistral_ft import evaluate, export
+    from mistral_ft.training.hydra_app import command_settings
+
+    args = [f"run={tmp_path / 'run'}", f"output_dir={tmp_path / 'out'}", "dtype=bfloat16", "max_shard_size=500MB",
+            "check=false"]
+    capsys.readouterr()
+    assert export.main([*args, "--cfg", "job"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    printed, settings = command_settings(args, export.__file__, "export")
+    assert printed is None and {k: v for k, v in shown.items() if v is not None} == settings
+    kwargs = export.parse_args(settings)
+    assert (kwargs["run_dir"], kwargs["max_shard_size"], kwargs["check"], kwargs["dtype"], kwargs["gguf"]) == \
+        (str(tmp_path / "run"), 500 * 10**6, False, "bfloat16", False)
+    # evaluate: data=FILE is data.file; the old out= spelling lands in output_dir; --package one node
+    ev = [f"run={tmp_path / 'run'}", "data=chats.jsonl", "eval.num_samples=3", f"out={tmp_path / 'ev'}"]
+    assert evaluate.main([*ev, "--cfg", "job"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["data"] == {"file": "chats.jsonl", "format": "messages", "max_length": 2048}
+    assert shown["eval"]["num_samples"] == 3 and shown["output_dir"] == str(tmp_path / "ev")
+    assert evaluate.main([*ev, "--cfg", "job", "--package", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# @package eval") and yaml.safe_load(out)["num_samples"] == 3
+    for main, usage in ((export.main, "run=RUN_OR_CKPT output_dir=FOLDER"), (evaluate.main, "data=FILE")):
+        assert main(["--help"]) == 0
+        text = capsys.readouterr().out
+        assert usage in text and "== Config ==" in text and "Configuration groups" not in text
+        assert "Powered by Hydra" in text
+    assert export.main(["--hydra-help"]) == 0 and "--shell-completion" in capsys.readouterr().out
+    assert export.main(["--info", "searchpath"]) == 0 and "commands_conf" in capsys.readouterr().out
+    assert evaluate.main(["-sc", "install=bash"]) == 0 and "hydra_bash_completion" in capsys.readouterr().out
+    for argv, message in (([*args, "-m"], "export runs once: -m/--multirun sweeps are train's"),
+                          ([*args, "--resolve"], "--resolve can only be used with --cfg or --help"),
+                          ([*args, "--bogus"], "unknown flag '--bogus'"),
+                          ([args[0], "outptu_dir=x"], "Did you mean 'output_dir'?"),
+                          ([*args, "+extra=1"], "unknown key 'extra'"),
+                          ([args[0]], "output_dir: a value is required")):
+        assert export.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert evaluate.main([*ev, "-m"]) == 2 and "evaluate runs once" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ev").exists()

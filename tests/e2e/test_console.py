@@ -1,5 +1,6 @@
-"""One history per run and a quiet console: resume continues the CSV version and the W&B run; a clean
-tiny run prints none of the third-party notices that cannot be acted on; fast_dev_run writes nothing."""
+"""One history per run and a quiet console: resume continues the CSV and TensorBoard version and the W&B
+run; a clean tiny run prints none of the third-party notices that cannot be acted on; fast_dev_run writes
+nothing."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def test_resume_continues_one_csv_history(tmp_path):
                        "trainer.enable_progress_bar=false"]) == 0
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
     assert _train_steps(run / "logs" / "version_0" / "metrics.csv") == [0, 1, 2, 3, 4, 5]
+
+
+def _tensorboard_steps(version: Path, tag: str = "train_loss") -> list[int]:
+    """The steps of `tag` as TensorBoard shows them: its own reader, which drops what a resume's session START purges."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resume_continues_one_tensorboard_history(tmp_path):
+    """The CSV case with logger=tensorboard: the resume writes into the same logs/version_0, and events the
+    interrupted session wrote past the checkpoint's step are purged, so each step is there once."""
+    run = tmp_path / "run"
+    base = ["recipe=instruct_lora", "model=tiny", "trainer.enable_progress_bar=false", *QUIET, "logger=tensorboard"]
+    assert train_main([*base, "trainer.max_steps=4", f"hydra.run.dir={run}"]) == 0
+    assert json.loads((run / "loggers.json").read_text()) == {"version": 0}
+    assert _tensorboard_steps(run / "logs" / "version_0") == [0, 1, 2, 3]
+    assert train_main([f"resume={run / 'checkpoints' / 'step-000002.ckpt'}", "trainer.max_steps=6",
+                       "trainer.enable_progress_bar=false"]) == 0
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
+    assert len(list((run / "logs" / "version_0").glob("events.out.tfevents.*"))) == 2  # one file per session
+    assert _tensorboard_steps(run / "logs" / "version_0") == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow  # wandb's import and offline run files: ~12 s

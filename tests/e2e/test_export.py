@@ -328,7 +328,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(runs, tmp_path, c
 
     # typos and missing keys
     rc, err = _run(capsys, f"run_dir={runs['lora']}", f"output_dri={tmp_path / 'o5'}")
-    assert rc == 2 and "did you mean 'output_dir'" in err
+    assert rc == 2 and "did you mean 'output_dir'" in err.lower()
     rc, err = _run(capsys, f"run_dir={tmp_path / 'nope'}", f"output_dir={tmp_path / 'o6'}")
     assert rc == 2 and "no such run folder" in err
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 4, 5, 6))

@@ -2,7 +2,7 @@
 (what the in-process cases cannot see: the `__main__` wiring, argparse's exit, an import-time failure).
 
 A fresh interpreter costs ~8 s of CPU here (torch, Lightning imports; measured 9-30 s wall per process on
-the shared 2-core machine), so the default suite runs two cases (generate: argparse and SystemExit; export);
+the shared 2-core machine), so the default suite runs 15 cases (two or three per CLI);
 `-m slow` runs every case of the corpus that needs no monkeypatching (a full disk is simulated in-process
 only).
 """
@@ -23,7 +23,13 @@ TABLES = {
     "validate": (test_bad_evaluate_validate.VALIDATE, "ctx"),
     "train": (test_bad_train.CASES, "ctx_mp"),
 }
-DEFAULT = {("generate", "top_p_above_one"), ("export", "base_model_json_malformed")}
+# about 15 by default, spread over every CLI and every kind of culprit (a value, a file, a folder, a run)
+DEFAULT = {("generate", "top_p_above_one"), ("generate", "device_banana"), ("generate", "adapter_weights_truncated"),
+           ("export", "base_model_json_malformed"), ("export", "output_non_empty_kept"), ("export", "tolerance_inf"),
+           ("convert", "zero_heads"), ("convert", "tokenizer_garbage"), ("convert", "shard_size_zero"),
+           ("evaluate", "data_malformed_row"), ("evaluate", "num_samples_zero"),
+           ("validate", "rows_duplicate_key"), ("validate", "tokens_per_s_nan"),
+           ("train", "lr_inf"), ("train", "run_dir_below_a_file")}
 ALL = [(cli, name) for cli, (table, _) in TABLES.items() for name in sorted(table) if name != "disk_full"]
 
 
