@@ -241,7 +241,8 @@ class TorchtuneLoRA(StepSystem):
         return self.loss_fn(logits, micro["labels"]) * (count / n_targets)  # mean over the step's targets
 
 
-STEP_SYSTEMS: dict[str, type[StepSystem]] = {cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked, TorchtuneLoRA)}
+STEP_SYSTEMS: dict[str, type[StepSystem]] = {
+    cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked, TorchtuneLoRA)}
 
 
 class OursCLI:

@@ -98,3 +98,13 @@ def test_setup_peers_installs_our_torch_before_each_peer(tmp_path):
         assert any(peer in a for a in steps[3][7:])
     with pytest.raises(SystemExit, match="unknown peer"):
         peers.setup(tmp_path, ["nope"], dry_run=True, log=lines.append)
+
+
+def test_a_peer_worker_runs_on_its_own_venv_or_is_refused(monkeypatch):
+    from benchmarks.systems import TorchtuneLoRA, system_python
+
+    assert system_python("hf_flat") == sys.executable  # ours and transformers: this environment
+    assert "torchtune" not in harness.DEFAULT_SYSTEMS  # a peer runs only when named
+    monkeypatch.setattr(TorchtuneLoRA, "venv", "no_such_venv")
+    with pytest.raises(SystemExit, match="--setup-peers no_such_venv"):
+        system_python("torchtune")
