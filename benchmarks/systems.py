@@ -241,8 +241,72 @@ class TorchtuneLoRA(StepSystem):
         return self.loss_fn(logits, micro["labels"]) * (count / n_targets)  # mean over the step's targets
 
 
+class LitGPTLoRA(StepSystem):
+    """litgpt's LoRA finetune (`litgpt finetune lora`) step: `litgpt.lora.GPT` with LoRA on q/k/v, the
+    projection and the MLP (head off), the HF checkpoint through its `copy_weights_hf_llama`, its batches
+    (examples padded to the batch's longest, no packing: litgpt has none; length-sorted micro-batches of at most
+    rows x seq_len padded tokens, as `hf_padded`), `lm_head_chunk_size=128` + `chunked_cross_entropy` as its
+    `fit` calls them. Sliding window off: at seq_len 512 the 4096 window never binds and litgpt would build a
+    dense mask for it. Runs in its own venv (`--setup-peers`)."""
+
+    name = "litgpt"
+    label = "litgpt LoRA finetune (padded)"
+    layout_note = "padded to each micro-batch's longest, length-sorted, <= rows x seq_len padded tokens per micro-batch"
+    needs = ("torch", "litgpt")
+    venv = "litgpt"
+
+    def load(self, folder: Path) -> Any:
+        from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+        from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+        from safetensors.torch import load_file
+
+        c = json.loads((folder / "config.json").read_text())
+        config = Config(
+            name="bench-mistral", block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"],
+            padded_vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+            n_query_groups=c["num_key_value_heads"], n_embd=c["hidden_size"],
+            head_size=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], rotary_percentage=1.0,
+            parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=c["rms_norm_eps"],
+            mlp_class_name="LLaMAMLP", intermediate_size=c["intermediate_size"], rope_base=int(c["rope_theta"]),
+            lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_query=True,
+            lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=False)
+        model = GPT(config)
+        state: dict[str, Any] = {}
+        copy_weights_hf_llama(config, {}, state, load_file(str(folder / "model.safetensors")))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lora" not in k for k in missing):
+            raise RuntimeError(f"litgpt checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        mark_only_lora_as_trainable(model)
+        return model
+
+    def layout(self, step: dict[str, Any]) -> list[dict[str, Any]]:
+        from benchmarks.workload import padded_micro_batches
+
+        torch = self.torch
+        out = []
+        for micro in padded_micro_batches(step["lengths"], step["rows"] * int(self.spec["seq_len"])):
+            exs = [step["examples"][j] for j in micro]
+            n = max(len(e["input_ids"]) for e in exs)
+            ids = torch.zeros((len(exs), n), dtype=torch.long)
+            labels = torch.full((len(exs), n), IGNORE_INDEX, dtype=torch.long)
+            for i, e in enumerate(exs):
+                ids[i, :len(e["input_ids"])], labels[i, :len(e["labels"])] = (torch.tensor(e["input_ids"]),
+                                                                              torch.tensor(e["labels"]))
+            out.append({"input_ids": ids, "labels": labels})
+        return out
+
+    def loss(self, micro: dict[str, Any], n_targets: int) -> Any:
+        from litgpt.utils import chunked_cross_entropy
+
+        logits = self.model(micro["input_ids"], lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]  # as litgpt's fit: position t predicts t + 1
+        targets = micro["labels"][..., 1:]
+        count = int((targets != IGNORE_INDEX).sum())
+        return chunked_cross_entropy(logits, targets) * (count / n_targets)  # its mean -> the step's
+
+
 STEP_SYSTEMS: dict[str, type[StepSystem]] = {
-    cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked, TorchtuneLoRA)}
+    cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked, TorchtuneLoRA, LitGPTLoRA)}
 
 
 class OursCLI:
