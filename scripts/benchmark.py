@@ -9,8 +9,8 @@
 Systems (`--systems`, comma-separated, default all): ours_cli (``python -m mistral_ft.train ... data.pack=true``),
 ours_model (our model-level step on the CLI's batches), hf_flat (transformers + peft, DataCollatorWithFlattening),
 hf_padded (transformers + peft, padded), trl_bfd (TRL's bfd packing + padding-free collator); only when asked:
-torchtune (its LoRA recipe components with packed data, in .bench_venvs/torchtune/ made by --setup-peers). The
-method is in `benchmarks.harness`'s docstring.
+torchtune (its LoRA recipe components with packed data), litgpt (its LoRA finetune step, padded), each in its
+.bench_venvs/<peer>/ made by --setup-peers. The method is in `benchmarks.harness`'s docstring.
 """
 
 from __future__ import annotations

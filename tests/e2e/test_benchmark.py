@@ -104,7 +104,7 @@ def test_a_peer_worker_runs_on_its_own_venv_or_is_refused(monkeypatch):
     from benchmarks.systems import TorchtuneLoRA, system_python
 
     assert system_python("hf_flat") == sys.executable  # ours and transformers: this environment
-    assert "torchtune" not in harness.DEFAULT_SYSTEMS  # a peer runs only when named
+    assert not {"torchtune", "litgpt"} & set(harness.DEFAULT_SYSTEMS)  # a peer runs only when named
     monkeypatch.setattr(TorchtuneLoRA, "venv", "no_such_venv")
     with pytest.raises(SystemExit, match="--setup-peers no_such_venv"):
         system_python("torchtune")
