@@ -207,6 +207,9 @@ def build_trainer(c: Mapping[str, Any], run_dir: Path, precision: Any) -> Any:
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
         every_n_train_steps=int(c["checkpoint"]["every_n_train_steps"]), save_top_k=-1, save_last=True,
+        # a resumed run rewrites last.ckpt / a step it already saved (atomically) rather than adding last-v1.ckpt
+        # beside it: the run folder holds one checkpoint per step and one last.ckpt (the lock keeps runs apart)
+        enable_version_counter=False,
     )
     # atomic, fsynced checkpoint files read with weights_only=True (fsdp writes sharded folders its own way)
     plugins = [AtomicCheckpointIO()] if c["strategy"]["name"] != "fsdp" else []

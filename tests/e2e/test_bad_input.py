@@ -278,7 +278,7 @@ CASES: dict[str, Callable] = {
                                           ["--max-new-tokens", "'ten'"], []),
     # export CLI
     "export_unknown_key": _export_case(lambda run, tmp: ([f"run_dirr={run}", f"output_dir={tmp / 'out'}"], []),
-                                       ["'run_dirr'", "run_dir"]),
+                                       ["run_dirr: unknown key", "output_dir"]),
     "export_missing_output": _export_case(lambda run, tmp: ([f"run_dir={run}"], []), ["output_dir"]),
     "export_bad_dtype": _export_case(lambda run, tmp: ([f"run_dir={run}", f"output_dir={tmp / 'out'}", "dtype=float8"],
                                                        []), ["dtype=float8"]),

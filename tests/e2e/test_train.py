@@ -159,6 +159,8 @@ def test_resume_continues_step_count_and_data_position(instruct_run, tmp_path):
     after = _load(run / "checkpoints" / "last.ckpt")
     assert _data_position(after)["samples"] == (INSTRUCT_STEPS + 4) * 8
     assert s["tokens_seen"] > _summary(instruct_run)["tokens_seen"]
+    # one last.ckpt, rewritten, and no versioned copies (last-v1.ckpt, step-N-v1.ckpt) beside it
+    assert not [p.name for p in (run / "checkpoints").iterdir() if "-v" in p.stem], list((run / "checkpoints").iterdir())
     # one history (issue 17): the resumed segment appends to logs/version_0, steps continuing
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
     rows = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()

@@ -27,19 +27,9 @@ from mistral_ft.data import (
 )
 from mistral_ft.data.loading import PROJECT_ROOT
 from mistral_ft.tokenizer import MistralTokenizer
+from helpers.data import datasets_cache_in_tmp, tok  # noqa: F401 (fixtures)
 
 BOS, EOS = 1, 2
-
-
-@pytest.fixture(scope="module")
-def tok() -> MistralTokenizer:
-    return MistralTokenizer.from_pretrained(None)
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
-    """Keep the arrow caches `datasets` writes for each tmp file out of ~/.cache."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_datasets_cache")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -24,22 +24,13 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Referen
 from mistral_ft.data import DataConfig, DataError, build_datasets, collect_problems, load_split, normalize_row
 from mistral_ft.tokenizer import MistralTokenizer
 from mistral_ft.training.compose import available, compose_config, config_dir
+from helpers.data import datasets_cache_in_tmp, tok  # noqa: F401 (fixtures)
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 CONV = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi there"},
         {"from": "gpt", "value": "Hello!"}, {"from": "user", "value": "What is 2+2?"},
         {"from": "assistant", "value": "4"}]
 MESSAGES = [{"role": role, "content": t["value"]} for role, t in zip([SYSTEM, USER, ASSISTANT, USER, ASSISTANT], CONV)]
-
-
-@pytest.fixture(scope="module")
-def tok() -> MistralTokenizer:
-    return MistralTokenizer.from_pretrained(None)
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_datasets_cache")
 
 
 def jsonl(path: Path, rows: list) -> str:
