@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.systems import STEP_SYSTEMS, OursCLI, repo_path, thread_env
+from benchmarks.systems import STEP_SYSTEMS, OursCLI, repo_path, system_python, thread_env
 from benchmarks.workload import PRESETS, cli_overrides, prepare
 
 PREFIX = "@@bench "  # worker -> parent lines; anything else a library prints on stdout is ignored
@@ -73,8 +73,8 @@ class Worker:
     def __init__(self, name: str, spec_path: Path, threads: int) -> None:
         self.name = name
         env = {**os.environ, **thread_env(threads), "PYTHONPATH": repo_path()}
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.harness", "--worker", name, str(spec_path)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        cmd = [system_python(name), "-m", "benchmarks.harness", "--worker", name, str(spec_path)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def recv(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

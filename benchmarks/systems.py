@@ -183,7 +183,130 @@ class TRLPacked(_Transformers):
         return [{k: batch[k] for k in ("input_ids", "labels", "position_ids")}]
 
 
-STEP_SYSTEMS: dict[str, type[StepSystem]] = {cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked)}
+class TorchtuneLoRA(StepSystem):
+    """torchtune's LoRA recipe components (`lora_finetune_single_device`) at its documented best for SFT:
+    `lora_mistral` with LoRA on q/k/v/output and the MLP, the HF checkpoint through `convert_weights.hf_to_tune`,
+    the step's examples packed by `PackedDataset` (rows of seq_len, no attention across documents) and collated
+    by `padded_collate_packed`, `CEWithChunkedOutputLoss` (8 output chunks), labels shifted as the recipe does.
+    Runs in its own venv (`--setup-peers`); its loss is a mean over the micro-batch's targets, here the step's."""
+
+    name = "torchtune"
+    label = "torchtune LoRA recipe (packed)"
+    layout_note = "PackedDataset rows of seq_len (greedy, no splitting), padded_collate_packed, one micro-batch"
+    needs = ("torch", "torchtune")
+    venv = "torchtune"
+
+    def load(self, folder: Path) -> Any:
+        from safetensors.torch import load_file
+        from torchtune.models.convert_weights import hf_to_tune
+        from torchtune.models.mistral import lora_mistral
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
+        from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+        cfg = json.loads((folder / "config.json").read_text())
+        modules = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
+        model = lora_mistral(
+            lora_attn_modules=[modules[m] for m in LORA["target_modules"] if m in modules],
+            apply_lora_to_mlp=True, apply_lora_to_output=False, vocab_size=cfg["vocab_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg["num_key_value_heads"], embed_dim=cfg["hidden_size"],
+            intermediate_dim=cfg["intermediate_size"], max_seq_len=cfg["max_position_embeddings"],
+            attn_dropout=0.0, norm_eps=cfg["rms_norm_eps"], rope_base=cfg["rope_theta"],
+            lora_rank=LORA["r"], lora_alpha=float(LORA["alpha"]), lora_dropout=LORA["dropout"])
+        state = hf_to_tune(load_file(str(folder / "model.safetensors")), num_heads=cfg["num_attention_heads"],
+                           num_kv_heads=cfg["num_key_value_heads"], dim=cfg["hidden_size"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lora" not in k for k in missing):
+            raise RuntimeError(f"torchtune checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        set_trainable_params(model, get_adapter_params(model))
+        model.set_num_output_chunks(8)
+        self.loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
+        return model
+
+    def layout(self, step: dict[str, Any]) -> list[dict[str, Any]]:
+        from torchtune.data import padded_collate_packed
+        from torchtune.datasets import PackedDataset
+
+        ds = [{"tokens": e["input_ids"], "labels": e["labels"]} for e in step["examples"]]
+        packed = PackedDataset(ds, max_seq_len=int(self.spec["seq_len"]), padding_idx=0, split_across_pack=False)
+        batch = padded_collate_packed([packed[i] for i in range(len(packed))])
+        labels = batch["labels"]  # the recipe's shift: position t predicts t + 1
+        batch["labels"] = self.torch.cat([labels[:, 1:], self.torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+        batch["input_ids"] = batch.pop("tokens")  # the harness counts positions by this name
+        return [batch]
+
+    def loss(self, micro: dict[str, Any], n_targets: int) -> Any:
+        logits = self.model(micro["input_ids"], mask=micro["mask"], input_pos=micro["input_pos"])
+        count = int((micro["labels"] != IGNORE_INDEX).sum())
+        return self.loss_fn(logits, micro["labels"]) * (count / n_targets)  # mean over the step's targets
+
+
+class LitGPTLoRA(StepSystem):
+    """litgpt's LoRA finetune (`litgpt finetune lora`) step: `litgpt.lora.GPT` with LoRA on q/k/v, the
+    projection and the MLP (head off), the HF checkpoint through its `copy_weights_hf_llama`, its batches
+    (examples padded to the batch's longest, no packing: litgpt has none; length-sorted micro-batches of at most
+    rows x seq_len padded tokens, as `hf_padded`), `lm_head_chunk_size=128` + `chunked_cross_entropy` as its
+    `fit` calls them. Sliding window off: at seq_len 512 the 4096 window never binds and litgpt would build a
+    dense mask for it. Runs in its own venv (`--setup-peers`)."""
+
+    name = "litgpt"
+    label = "litgpt LoRA finetune (padded)"
+    layout_note = "padded to each micro-batch's longest, length-sorted, <= rows x seq_len padded tokens per micro-batch"
+    needs = ("torch", "litgpt")
+    venv = "litgpt"
+
+    def load(self, folder: Path) -> Any:
+        from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+        from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+        from safetensors.torch import load_file
+
+        c = json.loads((folder / "config.json").read_text())
+        config = Config(
+            name="bench-mistral", block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"],
+            padded_vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+            n_query_groups=c["num_key_value_heads"], n_embd=c["hidden_size"],
+            head_size=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], rotary_percentage=1.0,
+            parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=c["rms_norm_eps"],
+            mlp_class_name="LLaMAMLP", intermediate_size=c["intermediate_size"], rope_base=int(c["rope_theta"]),
+            lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_query=True,
+            lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=False)
+        model = GPT(config)
+        state: dict[str, Any] = {}
+        copy_weights_hf_llama(config, {}, state, load_file(str(folder / "model.safetensors")))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lora" not in k for k in missing):
+            raise RuntimeError(f"litgpt checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        mark_only_lora_as_trainable(model)
+        return model
+
+    def layout(self, step: dict[str, Any]) -> list[dict[str, Any]]:
+        from benchmarks.workload import padded_micro_batches
+
+        torch = self.torch
+        out = []
+        for micro in padded_micro_batches(step["lengths"], step["rows"] * int(self.spec["seq_len"])):
+            exs = [step["examples"][j] for j in micro]
+            n = max(len(e["input_ids"]) for e in exs)
+            ids = torch.zeros((len(exs), n), dtype=torch.long)
+            labels = torch.full((len(exs), n), IGNORE_INDEX, dtype=torch.long)
+            for i, e in enumerate(exs):
+                ids[i, :len(e["input_ids"])], labels[i, :len(e["labels"])] = (torch.tensor(e["input_ids"]),
+                                                                              torch.tensor(e["labels"]))
+            out.append({"input_ids": ids, "labels": labels})
+        return out
+
+    def loss(self, micro: dict[str, Any], n_targets: int) -> Any:
+        from litgpt.utils import chunked_cross_entropy
+
+        logits = self.model(micro["input_ids"], lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]  # as litgpt's fit: position t predicts t + 1
+        targets = micro["labels"][..., 1:]
+        count = int((targets != IGNORE_INDEX).sum())
+        return chunked_cross_entropy(logits, targets) * (count / n_targets)  # its mean -> the step's
+
+
+STEP_SYSTEMS: dict[str, type[StepSystem]] = {
+    cls.name: cls for cls in (OursModel, HFFlat, HFPadded, TRLPacked, TorchtuneLoRA, LitGPTLoRA)}
 
 
 class OursCLI:
@@ -214,6 +337,19 @@ class OursCLI:
         return {"times": times, "wall_s": wall, "startup_s": wall - sum(times),
                 "peak_rss_mb": summary["peak_memory_mb"], "peak_memory_kind": summary["peak_memory_kind"],
                 "losses": [v for _, v in summary["loss_history"]]}
+
+
+def system_python(name: str) -> str:
+    """The interpreter a step system's worker runs on: ours and transformers' in this environment, a peer in
+    its own venv (built by `scripts/benchmark.py --setup-peers`)."""
+    venv = getattr(STEP_SYSTEMS[name], "venv", None)
+    if venv is None:
+        return sys.executable
+    py = Path(__file__).resolve().parents[1] / ".bench_venvs" / venv / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"benchmark: {name} runs in its own venv, {py} is missing: run "
+                         f"`python scripts/benchmark.py --setup-peers {venv}` first")
+    return str(py)
 
 
 def thread_env(threads: int) -> dict[str, str]:

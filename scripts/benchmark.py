@@ -4,11 +4,13 @@
     python scripts/benchmark.py                         # the headline table (cpu-small, 5 rounds; <= 10 min on 2 cores)
     python scripts/benchmark.py --systems ours_cli,hf_flat --rounds 7 --json out.json
     python scripts/benchmark.py pair --config mistral-7b --json bench-7b.json    # GPU: 7B shapes, MFU, generation
+    python scripts/benchmark.py --setup-peers [--dry-run] [torchtune,litgpt]     # peers' own venvs, .bench_venvs/
 
 Systems (`--systems`, comma-separated, default all): ours_cli (``python -m mistral_ft.train ... data.pack=true``),
 ours_model (our model-level step on the CLI's batches), hf_flat (transformers + peft, DataCollatorWithFlattening),
-hf_padded (transformers + peft, padded), trl_bfd (TRL's bfd packing + padding-free collator). The method is in
-`benchmarks.harness`'s docstring.
+hf_padded (transformers + peft, padded), trl_bfd (TRL's bfd packing + padding-free collator); only when asked:
+torchtune (its LoRA recipe components with packed data), litgpt (its LoRA finetune step, padded), each in its
+.bench_venvs/<peer>/ made by --setup-peers. The method is in `benchmarks.harness`'s docstring.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         from benchmarks import pair
 
         return pair.main(argv[1:] if argv[:1] == ["pair"] else argv)
+    if "--setup-peers" in argv:  # build the peers' venvs (benchmarks.peers); never run by tests or CI
+        from benchmarks import peers
+
+        rest = [a for a in argv if a not in ("--setup-peers", "--dry-run")]
+        names = rest[0].split(",") if rest else list(peers.PEERS)
+        root = Path(__file__).resolve().parents[1] / ".bench_venvs"
+        res = peers.setup(root, names, dry_run="--dry-run" in argv, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(res, indent=2))
+        return res
     from benchmarks import harness
     from benchmarks.workload import PRESETS
 

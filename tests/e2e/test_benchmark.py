@@ -74,3 +74,37 @@ def test_pair_refuses_7b_shapes_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         script.main(["pair", "--config", "mistral-7b", "--no-generate"])
+
+
+def test_setup_peers_installs_our_torch_before_each_peer(tmp_path):
+    """--setup-peers (dry run: nothing is built here) puts each peer in its own venv, installs our torch first
+    and the peer only under a `torch==<ours>` constraint, so pip can never swap in another (CUDA) torch."""
+    import torch
+
+    from benchmarks import peers
+
+    lines: list[str] = []
+    res = peers.setup(tmp_path, ["torchtune", "litgpt"], dry_run=True, log=lines.append)
+    assert res == {"torchtune": "dry run: nothing installed", "litgpt": "dry run: nothing installed"}
+    assert not any(tmp_path.iterdir())  # a dry run creates nothing
+    ours = torch.__version__.split("+")[0]
+    for peer in ("torchtune", "litgpt"):
+        steps = peers.commands(tmp_path, peer, ours)
+        py = str(peers.venv_python(tmp_path, peer))
+        assert steps[0][-1] == str(tmp_path / peer)  # its own venv
+        assert steps[1][0] == py and steps[1][-1] == f"torch=={ours}"  # torch alone, first
+        assert steps[2][1:] == [str(tmp_path / peer / "constraints.txt"), f"torch=={ours}\n"]
+        assert steps[3][0] == py and steps[3][5:7] == ["-c", steps[2][1]]  # the peer under the constraint
+        assert any(peer in a for a in steps[3][7:])
+    with pytest.raises(SystemExit, match="unknown peer"):
+        peers.setup(tmp_path, ["nope"], dry_run=True, log=lines.append)
+
+
+def test_a_peer_worker_runs_on_its_own_venv_or_is_refused(monkeypatch):
+    from benchmarks.systems import TorchtuneLoRA, system_python
+
+    assert system_python("hf_flat") == sys.executable  # ours and transformers: this environment
+    assert not {"torchtune", "litgpt"} & set(harness.DEFAULT_SYSTEMS)  # a peer runs only when named
+    monkeypatch.setattr(TorchtuneLoRA, "venv", "no_such_venv")
+    with pytest.raises(SystemExit, match="--setup-peers no_such_venv"):
+        system_python("torchtune")
