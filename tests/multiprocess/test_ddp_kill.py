@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.faults import fault_args
+
+TESTS = Path(__file__).resolve().parents[1]
 
 STEPS = 6
 ARGS = ["recipe=instruct_lora", "model=tiny", f"trainer.max_steps={STEPS}", "checkpoint.every_n_train_steps=2",
@@ -27,13 +30,14 @@ ARGS = ["recipe=instruct_lora", "model=tiny", f"trainer.max_steps={STEPS}", "che
 
 
 def _train(run: Path, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE",
-                                                                     "MISTRAL_FT_TEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE"))}
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores; the same count in every run (CPU sums split by thread)
-    if kill:
-        env["MISTRAL_FT_TEST_KILL"] = kill  # rank 1 is started by replaying the command: it inherits the hook
-    return subprocess.run([sys.executable, "-m", "mistral_ft.train", *ARGS, f"hydra.run.dir={run}", "resume=auto"],
-                          cwd=run.parent, env=env, capture_output=True, text=True, timeout=500)
+    # the fault callback lives in tests/helpers/faults.py; rank 1 is started by replaying the command line and
+    # inherits this environment, so both ranks import it and SIGKILL themselves after the same step
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    faults = fault_args("KillAfterStep", step=int(kill.split(":")[1])) if kill else []
+    return subprocess.run([sys.executable, "-m", "mistral_ft.train", *ARGS, f"hydra.run.dir={run}", "resume=auto",
+                           *faults], cwd=run.parent, env=env, capture_output=True, text=True, timeout=500)
 
 
 def _losses(run: Path) -> list:
