@@ -66,7 +66,7 @@ CASES = {
     "shard_size_banana": _option("max_shard_size=banana"),
     "shard_size_inf": _option("max_shard_size=infGB"),
     "check_not_bool": _option("check=maybe"),
-    "positional_argument": _option("merged", expect=["'merged'", "key=value"]),
+    "positional_argument": _option("merged", expect=["'merged'", "missing EQUAL"]),  # Hydra's override grammar
     "run_dir_missing": lambda tmp, ctx, mp: Case([f"run_dir={tmp / 'nope'}", f"output_dir={tmp / 'out'}"],
                                                  [str(tmp / "nope")]),
     "run_dir_not_a_checkpoint": _run_dir_not_a_checkpoint,
